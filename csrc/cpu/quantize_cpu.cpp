@@ -1,0 +1,289 @@
+// CPU kernels for the exactq ops. Schemas live in exactq/_ops.py; the specification of every op is
+// the plain-PyTorch reference in exactq/reference.py, which these kernels match bit for bit.
+//
+// Layout: the input is flattened row-major and cut into blocks of `block_size` elements (the last may
+// be partial). Each block is processed by one thread in two passes over data that is hot in cache:
+// min/max, then round + pack. Threads own groups of whole blocks that end on a byte boundary of the
+// packed output, so no byte is written by two threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <limits>
+
+#include "../common.h"
+
+namespace exactq {
+namespace cpu {
+namespace {
+
+// Elements per inner span: bounds the per-thread code buffer, and spans never straddle a multiple of
+// 2^32 in the element index, so the hash key for the upper index bits is constant inside a span.
+constexpr int64_t kSpan = 4096;
+// Elements per parallel task, so small blocks are batched and thread start-up is amortised.
+constexpr int64_t kGrainElements = 1 << 16;
+
+struct MinMax {
+  float mn, mx;
+  bool finite;
+};
+
+// Independent lanes keep the reductions vectorisable without -ffast-math: `a < b ? a : b` is exactly
+// the SSE/AVX min instruction, and the non-finite test is integer work.
+template <typename T>
+__attribute__((target_clones("avx2", "default"))) MinMax block_minmax(const T* x, int64_t n) {
+  constexpr int W = 16;
+  std::array<float, W> mn, mx;
+  std::array<uint32_t, W> bad;
+  mn.fill(std::numeric_limits<float>::infinity());
+  mx.fill(-std::numeric_limits<float>::infinity());
+  bad.fill(0);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    for (int k = 0; k < W; ++k) {
+      const float v = static_cast<float>(x[j + k]);
+      mn[k] = v < mn[k] ? v : mn[k];
+      mx[k] = v > mx[k] ? v : mx[k];
+      bad[k] |= static_cast<uint32_t>((float_bits(v) & 0x7F800000u) == 0x7F800000u);
+    }
+  }
+  for (; j < n; ++j) {
+    const float v = static_cast<float>(x[j]);
+    mn[0] = v < mn[0] ? v : mn[0];
+    mx[0] = v > mx[0] ? v : mx[0];
+    bad[0] |= static_cast<uint32_t>((float_bits(v) & 0x7F800000u) == 0x7F800000u);
+  }
+  MinMax r{mn[0], mx[0], bad[0] == 0};
+  for (int k = 1; k < W; ++k) {
+    r.mn = mn[k] < r.mn ? mn[k] : r.mn;
+    r.mx = mx[k] > r.mx ? mx[k] : r.mx;
+    r.finite = r.finite && bad[k] == 0;
+  }
+  return r;
+}
+
+template <typename T, bool NU>
+__attribute__((target_clones("avx2", "default"))) void round_span(
+    const T* x, int64_t n, const Grid& g, float lo, float range, RngKeys keys, uint32_t key_hi,
+    uint32_t index_lo, uint8_t* codes) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float u = uniform_lo(keys, key_hi, index_lo + static_cast<uint32_t>(j));
+    codes[j] = static_cast<uint8_t>(round_code<NU>(g, static_cast<float>(x[j]), lo, range, u));
+  }
+}
+
+// Writes codes of elements [i0, i0 + n) into the packed buffer (zero-initialised): whole bytes are
+// stored, the partial bytes at either end (shared with a neighbouring span) are OR-ed.
+void pack_span(const uint8_t* codes, int64_t n, int64_t i0, int bits, uint8_t* out) {
+  const int cpb = 8 / bits;
+  int64_t j = 0;
+  for (; j < n && (i0 + j) % cpb != 0; ++j) {
+    out[(i0 + j) / cpb] |= static_cast<uint8_t>(codes[j] << (((i0 + j) % cpb) * bits));
+  }
+  uint8_t* dst = out + (i0 + j) / cpb;
+  const int64_t whole = (n - j) / cpb;
+  if (bits == 8) {
+    std::copy(codes + j, codes + j + whole, dst);
+  } else {
+    for (int64_t k = 0; k < whole; ++k) {
+      uint32_t b = 0;
+      for (int c = 0; c < cpb; ++c) b |= static_cast<uint32_t>(codes[j + k * cpb + c]) << (c * bits);
+      dst[k] = static_cast<uint8_t>(b);
+    }
+  }
+  j += whole * cpb;
+  for (; j < n; ++j) {
+    out[(i0 + j) / cpb] |= static_cast<uint8_t>(codes[j] << (((i0 + j) % cpb) * bits));
+  }
+}
+
+// Calls f(begin, end) for each block owned by parallel task range [g0, g1) of byte-aligned groups.
+template <typename F>
+void for_each_block_parallel(int64_t numel, int64_t block_size, int bits, const F& f) {
+  const int64_t nblocks = (numel + block_size - 1) / block_size;
+  const int64_t m = blocks_per_byte_group(block_size, bits);
+  const int64_t ngroups = (nblocks + m - 1) / m;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (m * block_size));
+  at::parallel_for(0, ngroups, grain, [&](int64_t g0, int64_t g1) {
+    const int64_t b1 = std::min(nblocks, g1 * m);
+    for (int64_t b = g0 * m; b < b1; ++b) {
+      f(b, b * block_size, std::min(numel, (b + 1) * block_size));
+    }
+  });
+}
+
+// Splits [begin, end) at multiples of kSpan and calls f(span_begin, span_end).
+template <typename F>
+void for_each_span(int64_t begin, int64_t end, const F& f) {
+  for (int64_t s = begin; s < end;) {
+    const int64_t e = std::min(end, (s / kSpan + 1) * kSpan);
+    f(s, e);
+    s = e;
+  }
+}
+
+void check_args(int64_t bits, int64_t block_size, bool nonuniform) {
+  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8,
+              "exactq: bits must be one of 1, 2, 4, 8, got ", bits);
+  TORCH_CHECK(block_size >= 1, "exactq: block_size must be >= 1, got ", block_size);
+  TORCH_CHECK(!nonuniform || bits == 2, "exactq: non-uniform levels need bits == 2, got ", bits);
+}
+
+template <typename T>
+void quantize_impl(const at::Tensor& x, const Grid& g, int64_t block_size, int64_t seed,
+                   uint8_t* packed, uint16_t* stats) {
+  const T* xp = x.const_data_ptr<T>();
+  const RngKeys keys = make_keys(seed);
+  for_each_block_parallel(x.numel(), block_size, g.bits, [&](int64_t b, int64_t begin, int64_t end) {
+    const MinMax r = block_minmax(xp + begin, end - begin);
+    block_stats(r.mn, r.mx, r.finite, &stats[2 * b], &stats[2 * b + 1]);
+    const float lo = bf16_to_float(stats[2 * b]);
+    const float range = bf16_to_float(stats[2 * b + 1]);
+    // Non-finite and constant blocks keep the all-zero codes of the zero-initialised output.
+    if (!r.finite || range == 0.0f) return;
+    uint8_t codes[kSpan];
+    for_each_span(begin, end, [&](int64_t s, int64_t e) {
+      const uint32_t key_hi = span_key(keys, static_cast<uint64_t>(s) >> 32);
+      const uint32_t index_lo = static_cast<uint32_t>(s);
+      if (g.nonuniform) {
+        round_span<T, true>(xp + s, e - s, g, lo, range, keys, key_hi, index_lo, codes);
+      } else {
+        round_span<T, false>(xp + s, e - s, g, lo, range, keys, key_hi, index_lo, codes);
+      }
+      pack_span(codes, e - s, s, g.bits, packed);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input, int64_t bits,
+                                                 int64_t block_size, std::optional<double> level,
+                                                 int64_t seed) {
+  check_args(bits, block_size, level.has_value());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "exactq: quantize needs a floating-point tensor, got ", input.scalar_type());
+  const at::Tensor x = input.contiguous();
+  const int64_t numel = x.numel();
+  const int64_t nblocks = (numel + block_size - 1) / block_size;
+  at::Tensor packed = at::zeros({(numel * bits + 7) / 8}, x.options().dtype(at::kByte));
+  at::Tensor stats = at::empty({nblocks, 2}, x.options().dtype(at::kBFloat16));
+  Grid g;
+  make_grid(&g, static_cast<int>(bits), level.has_value(), level.value_or(0.0));
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  uint16_t* sp = reinterpret_cast<uint16_t*>(stats.data_ptr<at::BFloat16>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "exactq_quantize", [&] {
+    quantize_impl<scalar_t>(x, g, block_size, seed, pp, sp);
+  });
+  return {packed, stats};
+}
+
+template <typename T>
+__attribute__((target_clones("avx2", "default"))) void unpack_span(
+    const uint8_t* packed, int64_t n, int64_t i0, int bits, const float* lut, T* out) {
+  const int cpb = 8 / bits;
+  const uint32_t mask = (1u << bits) - 1;
+  int64_t j = 0;
+  auto one = [&](int64_t i) { return lut[(packed[i / cpb] >> ((i % cpb) * bits)) & mask]; };
+  for (; j < n && (i0 + j) % cpb != 0; ++j) out[j] = static_cast<T>(one(i0 + j));
+  const uint8_t* src = packed + (i0 + j) / cpb;
+  const int64_t whole = (n - j) / cpb;
+  T* dst = out + j;
+  for (int64_t k = 0; k < whole; ++k) {
+    const uint32_t b = src[k];
+    for (int c = 0; c < cpb; ++c) dst[k * cpb + c] = static_cast<T>(lut[(b >> (c * bits)) & mask]);
+  }
+  j += whole * cpb;
+  for (; j < n; ++j) out[j] = static_cast<T>(one(i0 + j));
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& stats, int64_t bits,
+                          int64_t block_size, std::optional<double> level, c10::SymInt numel_s,
+                          at::ScalarType dtype) {
+  check_args(bits, block_size, level.has_value());
+  const int64_t numel = numel_s.expect_int();
+  const int64_t nblocks = (numel + block_size - 1) / block_size;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() == (numel * bits + 7) / 8,
+              "exactq: packed must be a contiguous uint8 tensor of ", (numel * bits + 7) / 8,
+              " bytes for ", numel, " elements at ", bits, " bits");
+  TORCH_CHECK(stats.scalar_type() == at::kBFloat16 && stats.is_contiguous() &&
+                  stats.dim() == 2 && stats.size(0) == nblocks && stats.size(1) == 2,
+              "exactq: stats must be a contiguous bfloat16 tensor of shape [", nblocks, ", 2]");
+  TORCH_CHECK(at::isFloatingType(dtype), "exactq: dtype must be a floating-point type, got ", dtype);
+  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  Grid g;
+  make_grid(&g, static_cast<int>(bits), level.has_value(), level.value_or(0.0));
+  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(stats.const_data_ptr<at::BFloat16>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "exactq_dequantize", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for_each_block_parallel(numel, block_size, g.bits, [&](int64_t b, int64_t begin, int64_t end) {
+      const float lo = bf16_to_float(sp[2 * b]);
+      const float range = bf16_to_float(sp[2 * b + 1]);
+      float lut[256];
+      for (int k = 0; k <= g.top; ++k) lut[k] = lo + range * g.levels[k];
+      for_each_span(begin, end, [&](int64_t s, int64_t e) {
+        unpack_span<scalar_t>(pp, e - s, s, g.bits, lut, op + s);
+      });
+    });
+  });
+  return out;
+}
+
+__attribute__((target_clones("avx2", "default"))) void pack_mask_range(const bool* m, int64_t begin,
+                                                                        int64_t end, int64_t numel,
+                                                                        uint8_t* out) {
+  for (int64_t k = begin; k < end; ++k) {
+    uint32_t b = 0;
+    const int64_t base = k * 8;
+    if (base + 8 <= numel) {
+      for (int c = 0; c < 8; ++c) b |= static_cast<uint32_t>(m[base + c]) << c;
+    } else {
+      for (int c = 0; base + c < numel; ++c) b |= static_cast<uint32_t>(m[base + c]) << c;
+    }
+    out[k] = static_cast<uint8_t>(b);
+  }
+}
+
+at::Tensor pack_mask_cpu(const at::Tensor& mask) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "exactq: pack_mask needs a bool tensor, got ",
+              mask.scalar_type());
+  const at::Tensor m = mask.contiguous();
+  const int64_t numel = m.numel();
+  const int64_t nbytes = (numel + 7) / 8;
+  at::Tensor out = at::empty({nbytes}, m.options().dtype(at::kByte));
+  const bool* mp = m.const_data_ptr<bool>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, nbytes, kGrainElements / 8, [&](int64_t b0, int64_t b1) {
+    pack_mask_range(mp, b0, b1, numel, op);
+  });
+  return out;
+}
+
+at::Tensor unpack_mask_cpu(const at::Tensor& packed, c10::SymInt numel_s) {
+  const int64_t numel = numel_s.expect_int();
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() == (numel + 7) / 8,
+              "exactq: packed must be a contiguous uint8 tensor of ", (numel + 7) / 8, " bytes for ",
+              numel, " mask elements");
+  at::Tensor out = at::empty({numel}, packed.options().dtype(at::kBool));
+  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
+  bool* op = out.data_ptr<bool>();
+  at::parallel_for(0, numel, kGrainElements, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) op[i] = (pp[i >> 3] >> (i & 7)) & 1;
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(exactq, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("pack_mask", &pack_mask_cpu);
+  m.impl("unpack_mask", &unpack_mask_cpu);
+}
+
+}  // namespace cpu
+}  // namespace exactq

@@ -1,0 +1,31 @@
+"""exactq: block-wise low-bit compression of the activations autograd saves, for memory-efficient
+full-batch GNN training.
+
+Layers, bottom up: ``csrc/`` kernels -> :mod:`exactq._ops` (op schemas, fake impls) ->
+:mod:`exactq.reference` (plain-PyTorch specification of every op) -> :mod:`exactq.functional`
+(quantize / dequantize / pack_mask) -> hook engine -> user API.
+"""
+from . import _ops  # noqa: F401  (defines the torch.library ops and loads the kernels)
+from .functional import (
+    DEFAULT_BLOCK_SIZE,
+    PackedMask,
+    QuantizedTensor,
+    dequantize,
+    pack_mask,
+    quantize,
+    unpack_mask,
+)
+from .levels import int2_levels
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "PackedMask",
+    "QuantizedTensor",
+    "dequantize",
+    "int2_levels",
+    "pack_mask",
+    "quantize",
+    "unpack_mask",
+]

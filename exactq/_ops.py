@@ -1,0 +1,78 @@
+"""The op contract: ``torch.library`` schemas of the ``exactq`` namespace, declared once, with fake
+(meta) implementations so shapes are known without running a kernel.
+
+Kernels register against these schemas: C++ for CPU and CUDA from ``exactq._C`` (csrc/), and the
+plain-PyTorch reference (exactq/reference.py) as the device-generic fallback for any other device, or
+for every device when the extension is not built.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import reference
+
+log = logging.getLogger(__name__)
+
+_LIB = torch.library.Library("exactq", "DEF")
+
+_SCHEMAS = {
+    "quantize": "quantize(Tensor x, int bits, int block_size, float? level, int seed) -> (Tensor, Tensor)",
+    "dequantize": (
+        "dequantize(Tensor packed, Tensor stats, int bits, int block_size, float? level, SymInt numel, "
+        "ScalarType dtype) -> Tensor"
+    ),
+    "pack_mask": "pack_mask(Tensor mask) -> Tensor",
+    "unpack_mask": "unpack_mask(Tensor packed, SymInt numel) -> Tensor",
+}
+for _schema in _SCHEMAS.values():
+    _LIB.define(_schema)
+
+
+@torch.library.register_fake("exactq::quantize", lib=_LIB)
+def _quantize_fake(x, bits, block_size, level, seed):
+    n = x.numel()
+    packed = x.new_empty(((n * bits + 7) // 8,), dtype=torch.uint8)
+    stats = x.new_empty(((n + block_size - 1) // block_size, 2), dtype=torch.bfloat16)
+    return packed, stats
+
+
+@torch.library.register_fake("exactq::dequantize", lib=_LIB)
+def _dequantize_fake(packed, stats, bits, block_size, level, numel, dtype):
+    return packed.new_empty((numel,), dtype=dtype)
+
+
+@torch.library.register_fake("exactq::pack_mask", lib=_LIB)
+def _pack_mask_fake(mask):
+    return mask.new_empty(((mask.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("exactq::unpack_mask", lib=_LIB)
+def _unpack_mask_fake(packed, numel):
+    return packed.new_empty((numel,), dtype=torch.bool)
+
+
+# Device-generic fallback (CompositeExplicitAutograd): used where no native kernel is registered.
+for _name in _SCHEMAS:
+    torch.library.register_kernel(f"exactq::{_name}", None, getattr(reference, _name), lib=_LIB)
+
+try:
+    from . import _C  # noqa: F401  (loading registers the native kernels)
+
+    HAS_NATIVE = True
+except ImportError as exc:  # pragma: no cover - depends on the build
+    HAS_NATIVE = False
+    log.warning("exactq._C is not built (%s); every op runs the slow plain-PyTorch reference", exc)
+
+
+def has_native_kernel(device_type: str) -> bool:
+    """Whether a compiled kernel (not the reference fallback) serves ``device_type``."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("exactq::quantize", key)
+
+
+quantize = torch.ops.exactq.quantize.default
+dequantize = torch.ops.exactq.dequantize.default
+pack_mask = torch.ops.exactq.pack_mask.default
+unpack_mask = torch.ops.exactq.unpack_mask.default

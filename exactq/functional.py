@@ -1,0 +1,194 @@
+"""Stateless functional API over the exactq ops: validate, call the op, wrap the result."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from . import _ops
+from .levels import int2_levels
+
+SUPPORTED_BITS = (1, 2, 4, 8)
+# Chosen by measurement (experiments/block_size.py; results in experiments/results/): see the
+# README's "Choosing the block size".
+DEFAULT_BLOCK_SIZE = 256
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MAX_SEED = 2**63 - 1
+
+
+def check_bits(bits: object) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return bits
+
+
+def check_block_size(block_size: object) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    return block_size
+
+
+def resolve_nonuniform(nonuniform: Optional[bool], bits: int) -> bool:
+    """``None`` means on for 2 bits and off otherwise; non-uniform levels exist only for 2 bits."""
+    if nonuniform is None:
+        return bits == 2
+    if not isinstance(nonuniform, bool):
+        raise TypeError(f"nonuniform must be a bool or None, got {nonuniform!r}")
+    if nonuniform and bits != 2:
+        raise ValueError(f"nonuniform=True needs bits=2 (the INT2 grid), got bits={bits}")
+    return nonuniform
+
+
+def check_seed(seed: Optional[int]) -> Optional[int]:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
+    return seed
+
+
+def draw_seed() -> int:
+    """A seed from torch's default generator, so ``torch.manual_seed`` makes runs reproducible."""
+    return int(torch.randint(0, _MAX_SEED, (), dtype=torch.int64))
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A block-wise quantized tensor: packed codes, per-block bfloat16 (min, range) and metadata.
+
+    Restore it with :func:`exactq.dequantize`. ``nbytes`` counts the bytes really stored.
+    """
+
+    packed: torch.Tensor
+    stats: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    bits: int
+    block_size: int
+    level: Optional[float]  # interior level a of the non-uniform INT2 grid {0, a, 1 - a, 1}; None = uniform
+    seed: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.stats.nbytes
+
+    @property
+    def nonuniform(self) -> bool:
+        return self.level is not None
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """A bool tensor stored at 1 bit per element; restore it with :func:`exactq.unpack_mask`."""
+
+    packed: torch.Tensor
+    shape: torch.Size
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int = 2,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    nonuniform: Optional[bool] = None,
+    seed: Optional[int] = None,
+) -> QuantizedTensor:
+    """Quantize ``x`` block-wise to ``bits`` bits with unbiased stochastic rounding.
+
+    Args:
+        x: a floating-point tensor (float32, float16, bfloat16 or float64) of any shape and strides.
+        bits: 1, 2, 4 or 8.
+        block_size: elements per block (>= 1) of the row-major flattened tensor; the last block may be
+            partial. Each block stores one bfloat16 minimum and range.
+        nonuniform: use the variance-minimising INT2 levels of :func:`exactq.int2_levels`; ``None``
+            means on for ``bits=2``.
+        seed: seed of the counter-based random numbers, in [0, 2**63 - 1]; ``None`` draws one from
+            torch's default generator.
+
+    Returns:
+        A :class:`QuantizedTensor`; ``dequantize`` of it is an unbiased estimate of ``x``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating-point tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
+    bits = check_bits(bits)
+    block_size = check_block_size(block_size)
+    level = int2_levels(block_size)[1] if resolve_nonuniform(nonuniform, bits) else None
+    seed = check_seed(seed)
+    if seed is None:
+        seed = draw_seed()
+    packed, stats = _ops.quantize(x.detach(), bits, block_size, level, seed)
+    return QuantizedTensor(packed, stats, x.shape, x.dtype, bits, block_size, level, seed)
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """Restore a :class:`QuantizedTensor` to a tensor of its original shape, dtype and device."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"q must be an exactq.QuantizedTensor, got {type(q).__name__}")
+    n = q.numel
+    nblocks = -(-n // q.block_size)
+    if q.packed.dtype != torch.uint8 or q.packed.numel() != (n * q.bits + 7) // 8:
+        raise ValueError(
+            f"q.packed must be uint8 with {(n * q.bits + 7) // 8} bytes for shape {tuple(q.shape)} at "
+            f"{q.bits} bits, got {q.packed.dtype} with {q.packed.numel()}"
+        )
+    if q.stats.dtype != torch.bfloat16 or tuple(q.stats.shape) != (nblocks, 2):
+        raise ValueError(
+            f"q.stats must be bfloat16 of shape ({nblocks}, 2), got {q.stats.dtype} {tuple(q.stats.shape)}"
+        )
+    if q.stats.device != q.packed.device:
+        raise ValueError(f"q.stats is on {q.stats.device} but q.packed on {q.packed.device}")
+    out = _ops.dequantize(q.packed, q.stats, q.bits, q.block_size, q.level, n, q.dtype)
+    return out.view(q.shape)
+
+
+def pack_mask(mask: torch.Tensor) -> PackedMask:
+    """Store a bool tensor losslessly at 1 bit per element."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor, got {got}")
+    return PackedMask(_ops.pack_mask(mask.detach()), mask.shape)
+
+
+def unpack_mask(packed: PackedMask) -> torch.Tensor:
+    """Restore the bool tensor stored by :func:`pack_mask`."""
+    if not isinstance(packed, PackedMask):
+        raise TypeError(f"packed must be an exactq.PackedMask, got {type(packed).__name__}")
+    n = math.prod(packed.shape)
+    if packed.packed.dtype != torch.uint8 or packed.packed.numel() != (n + 7) // 8:
+        raise ValueError(f"packed.packed must be uint8 with {(n + 7) // 8} bytes for shape {tuple(packed.shape)}")
+    return _ops.unpack_mask(packed.packed, n).view(packed.shape)
+
+
+def level_gaps(q: QuantizedTensor) -> torch.Tensor:
+    """Per-element width of the widest grid interval of its block, in units of the data: an upper
+    bound on |dequantize(q) - x| (used by tests and diagnostics)."""
+    top = 2**q.bits - 1
+    widest = max(q.level, 1.0 - 2.0 * q.level) if q.level is not None else 1.0 / top
+    rng = q.stats[:, 1].float().repeat_interleave(q.block_size)[: q.numel]
+    return (rng * widest).view(q.shape)
+
+
+__all__: Sequence[str] = (
+    "QuantizedTensor",
+    "PackedMask",
+    "quantize",
+    "dequantize",
+    "pack_mask",
+    "unpack_mask",
+    "DEFAULT_BLOCK_SIZE",
+)

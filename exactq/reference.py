@@ -1,0 +1,203 @@
+"""Plain-PyTorch reference of every exactq op: the readable specification.
+
+The C++ and CUDA kernels must produce the same bytes as these functions for the same arguments
+(tests/test_ops.py checks it). Every step is integer arithmetic or an exactly rounded float32 operation,
+so that equality is exact, not approximate. Unsigned 32-bit arithmetic is emulated in int64 tensors.
+
+Format (shared by all implementations):
+
+* ``x`` is flattened row-major and cut into blocks of ``block_size`` elements; the last may be partial.
+* ``stats[b] = (lo, range)`` as bfloat16: ``lo`` is the block minimum rounded toward -inf, ``range``
+  is ``max - lo`` rounded toward +inf (and bumped one bfloat16 step if float32 ``lo + range`` still
+  falls below the maximum). A block holding NaN or +-Inf stores NaN for both.
+* codes: ``t = (x - lo) / range`` is rounded stochastically onto the grid ``levels`` (``k / L`` or
+  the non-uniform ``{0, a, 1 - a, 1}``), with probability of rounding up ``(t - l) / (u - l)``.
+  Element ``i``'s code occupies bits ``(i % cpb) * bits`` of byte ``i // cpb``, ``cpb = 8 // bits``.
+* the uniform draw of element ``i`` is a counter-based hash of ``(seed, i)`` (see ``uniform``).
+* dequantized value: ``lo + range * levels[code]`` in float32, cast to the requested dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+_BF16_NAN = 0x7FC0
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for 0 <= x < 2^32, without int64 overflow."""
+    lo = (x & 0xFFFF) * c
+    hi = ((x >> 16) * c) & 0xFFFF
+    return (lo + (hi << 16)) & _M32
+
+
+def lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' 32-bit integer hash on int64 tensors holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _lowbias32_int(x: int) -> int:
+    return int(lowbias32(torch.tensor([x & _M32], dtype=torch.int64)).item())
+
+
+def rng_keys(seed: int) -> tuple[int, int]:
+    """The two 32-bit keys derived from a seed in [0, 2^63)."""
+    k0 = _lowbias32_int((seed & _M32) ^ 0x243F6A88)
+    k1 = _lowbias32_int(((seed >> 32) & _M32) ^ k0 ^ 0x85A308D3)
+    return k0, k1
+
+
+def uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 in [0, 1) for each int64 element index: a pure function of (seed, index)."""
+    k0, k1 = rng_keys(seed)
+    key_hi = (k1 ^ (((index >> 32) * _GOLDEN) & _M32)) & _M32
+    h = lowbias32((index & _M32) ^ k0)
+    h = lowbias32(h ^ key_hi)
+    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def _float_bits(v: torch.Tensor) -> torch.Tensor:
+    return v.contiguous().view(torch.int32).to(torch.int64) & _M32
+
+
+def _bits_float(b: torch.Tensor) -> torch.Tensor:
+    signed = torch.where(b >= 2**31, b - 2**32, b)
+    return signed.to(torch.int32).view(torch.float32)
+
+
+def bf16_round_down(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> bfloat16 bits (int64), rounded toward -inf."""
+    b = _float_bits(v)
+    inexact = (b & 0xFFFF) != 0
+    negative = (b >> 31) == 1
+    return (b >> 16) + (inexact & negative).to(torch.int64)
+
+
+def bf16_round_up(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> bfloat16 bits (int64), rounded toward +inf."""
+    b = _float_bits(v)
+    inexact = (b & 0xFFFF) != 0
+    negative = (b >> 31) == 1
+    return (b >> 16) + (inexact & ~negative).to(torch.int64)
+
+
+def bf16_bits_to_float(h: torch.Tensor) -> torch.Tensor:
+    return _bits_float(h << 16)
+
+
+def _bits_to_bf16(h: torch.Tensor) -> torch.Tensor:
+    return torch.where(h >= 2**15, h - 2**16, h).to(torch.int16).view(torch.bfloat16)
+
+
+def grid(bits: int, level: Optional[float]) -> torch.Tensor:
+    """The float32 levels in units of the block range (L + 1 values, 0 to 1)."""
+    top = 2**bits - 1
+    levels = torch.arange(top + 1, dtype=torch.float32) / torch.tensor(float(top), dtype=torch.float32)
+    if level is not None:
+        a = torch.tensor(level, dtype=torch.float32)
+        levels = torch.stack([levels[0], a, torch.tensor(1.0) - a, levels[3]])
+    return levels
+
+
+def block_stats(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo_bits, range_bits) int64 per block, as described in the module docstring."""
+    n = flat.numel()
+    nblocks = -(-n // block_size)
+    pad = nblocks * block_size - n
+    padded = torch.nn.functional.pad(flat, (0, pad))
+    valid = torch.nn.functional.pad(torch.ones(n, dtype=torch.bool), (0, pad)).view(nblocks, block_size)
+    blocks = padded.view(nblocks, block_size)
+    finite = (torch.isfinite(blocks) | ~valid).all(dim=1)
+    inf = torch.tensor(float("inf"))
+    mn = torch.where(valid, blocks, inf).amin(dim=1)
+    mx = torch.where(valid, blocks, -inf).amax(dim=1)
+    lo = bf16_round_down(mn)
+    lo_f = bf16_bits_to_float(lo)
+    rg = bf16_round_up(mx - lo_f)
+    rg = rg + (lo_f + bf16_bits_to_float(rg) < mx).to(torch.int64)
+    nan = torch.full_like(lo, _BF16_NAN)
+    return torch.where(finite, lo, nan), torch.where(finite, rg, nan)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 codes in [0, 2^bits) -> uint8 bytes, ``8 // bits`` codes per byte, low bits first."""
+    cpb = 8 // bits
+    pad = -codes.numel() % cpb
+    c = torch.nn.functional.pad(codes, (0, pad)).view(-1, cpb)
+    shifts = torch.arange(cpb, dtype=torch.int64) * bits
+    return (c << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    cpb = 8 // bits
+    shifts = torch.arange(cpb, dtype=torch.int64) * bits
+    codes = (packed.to(torch.int64).unsqueeze(1) >> shifts) & (2**bits - 1)
+    return codes.reshape(-1)[:numel]
+
+
+def quantize(
+    x: torch.Tensor, bits: int, block_size: int, level: Optional[float], seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``exactq::quantize``: returns (packed uint8 codes, bfloat16 stats [nblocks, 2])."""
+    device = x.device
+    flat = x.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+    n = flat.numel()
+    nblocks = -(-n // block_size)
+    lo_bits, rg_bits = block_stats(flat, block_size)
+    lo = bf16_bits_to_float(lo_bits).repeat_interleave(block_size)[:n]
+    rg = bf16_bits_to_float(rg_bits).repeat_interleave(block_size)[:n]
+    levels = grid(bits, level)
+    top = 2**bits - 1
+    t = (flat - lo) / rg
+    if level is None:
+        y = t * torch.tensor(float(top))
+        j = torch.clamp(y.trunc(), max=float(top - 1))
+        frac = y - j
+        j = j.to(torch.int64)
+    else:
+        j = (t >= levels[1]).to(torch.int64) + (t >= levels[2]).to(torch.int64)
+        inv_gap = torch.ones(3, dtype=torch.float32) / (levels[1:] - levels[:-1])
+        frac = (t - levels[j]) * inv_gap[j]
+    u = uniform(seed, torch.arange(n, dtype=torch.int64))
+    codes = torch.clamp(j + (u < frac).to(torch.int64), max=top)
+    # Constant and non-finite blocks store code 0 (their t is NaN or meaningless).
+    keep = (rg > 0) & torch.isfinite(rg)
+    codes = torch.where(keep, codes, torch.zeros_like(codes))
+    stats = _bits_to_bf16(torch.stack([lo_bits, rg_bits], dim=1)).reshape(nblocks, 2)
+    return pack_codes(codes, bits).to(device), stats.to(device)
+
+
+def dequantize(
+    packed: torch.Tensor,
+    stats: torch.Tensor,
+    bits: int,
+    block_size: int,
+    level: Optional[float],
+    numel: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Reference of ``exactq::dequantize``: a flat tensor of ``numel`` elements of ``dtype``."""
+    device = packed.device
+    codes = unpack_codes(packed.cpu(), bits, numel)
+    st = stats.cpu().to(torch.float32)
+    lo = st[:, 0].repeat_interleave(block_size)[:numel]
+    rg = st[:, 1].repeat_interleave(block_size)[:numel]
+    out = lo + rg * grid(bits, level)[codes]
+    return out.to(device=device, dtype=dtype)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Reference of ``exactq::pack_mask``: bool -> uint8, 8 elements per byte, low bit first."""
+    return pack_codes(mask.reshape(-1).cpu().to(torch.int64), 1).to(mask.device)
+
+
+def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Reference of ``exactq::unpack_mask``: a flat bool tensor of ``numel`` elements."""
+    return unpack_codes(packed.cpu(), 1, numel).to(device=packed.device, dtype=torch.bool)
