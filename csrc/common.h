@@ -141,31 +141,56 @@ EXACTQ_HD void make_grid(Grid* g, int bits, bool nonuniform, double level) {
   }
 }
 
+// The few scalars stochastic rounding needs, copied out of the Grid so hot loops keep them in
+// registers (a uint8_t output may alias anything, so fields read through a pointer are reloaded).
+struct RoundParams {
+  float l1, l2;           // interior levels (non-uniform INT2)
+  float inv0, inv1, inv2;  // 1 / gap of each interval (non-uniform INT2)
+  float top_f, jmax_f;     // L and L - 1 (uniform)
+  uint32_t top;
+};
+
+EXACTQ_HD RoundParams make_round_params(const Grid& g) {
+  RoundParams p;
+  p.l1 = g.levels[1];
+  p.l2 = g.nonuniform ? g.levels[2] : 0.0f;
+  p.inv0 = g.nonuniform ? g.inv_gap[0] : 0.0f;
+  p.inv1 = g.nonuniform ? g.inv_gap[1] : 0.0f;
+  p.inv2 = g.nonuniform ? g.inv_gap[2] : 0.0f;
+  p.top_f = static_cast<float>(g.top);
+  p.jmax_f = static_cast<float>(g.top - 1);
+  p.top = static_cast<uint32_t>(g.top);
+  return p;
+}
+
 // Stochastic rounding of one value onto the grid: t = (x - lo) / range in [0, 1] (range > 0),
 // P(round up) = (t - l) / (u - l), so E[levels[code]] = t. Clamped to [0, L]. NU selects the
 // non-uniform INT2 grid at compile time so the hot loops carry no branch on it.
 template <bool NU>
-EXACTQ_HD uint32_t round_code(const Grid& g, float x, float lo, float range, float u) {
+EXACTQ_HD uint32_t round_code(const RoundParams p, float x, float lo, float range, float u) {
   const float t = (x - lo) / range;
   uint32_t j;
   float frac;
   if (NU) {
-    j = static_cast<uint32_t>(t >= g.levels[1]) + static_cast<uint32_t>(t >= g.levels[2]);
-    const float base = j == 0 ? 0.0f : (j == 1 ? g.levels[1] : g.levels[2]);
-    const float inv = j == 1 ? g.inv_gap[1] : (j == 0 ? g.inv_gap[0] : g.inv_gap[2]);
+    // Flat selects, not nested ones, so the compiler if-converts and vectorises them.
+    const bool ge1 = t >= p.l1, ge2 = t >= p.l2;
+    j = static_cast<uint32_t>(ge1) + static_cast<uint32_t>(ge2);
+    float base = 0.0f, inv = p.inv0;
+    base = ge1 ? p.l1 : base;
+    inv = ge1 ? p.inv1 : inv;
+    base = ge2 ? p.l2 : base;
+    inv = ge2 ? p.inv2 : inv;
     frac = (t - base) * inv;
   } else {
-    const float y = t * static_cast<float>(g.top);
+    const float y = t * p.top_f;
     // t >= 0 always (x >= lo), so truncation is the floor; the last interval is closed at 1.
     float jf = static_cast<float>(static_cast<int32_t>(y));
-    const float jmax = static_cast<float>(g.top - 1);
-    jf = jf > jmax ? jmax : jf;
+    jf = jf > p.jmax_f ? p.jmax_f : jf;
     j = static_cast<uint32_t>(jf);
     frac = y - jf;
   }
   const uint32_t code = j + static_cast<uint32_t>(u < frac);
-  const uint32_t top = static_cast<uint32_t>(g.top);
-  return code > top ? top : code;
+  return code > p.top ? p.top : code;
 }
 
 // Number of consecutive blocks that together end on a byte boundary of the packed codes, so that

@@ -66,11 +66,11 @@ __attribute__((target_clones("avx2", "default"))) MinMax block_minmax(const T* x
 
 template <typename T, bool NU>
 __attribute__((target_clones("avx2", "default"))) void round_span(
-    const T* x, int64_t n, const Grid& g, float lo, float range, RngKeys keys, uint32_t key_hi,
-    uint32_t index_lo, uint8_t* codes) {
+    const T* __restrict x, int64_t n, const RoundParams p, float lo, float range, RngKeys keys,
+    uint32_t key_hi, uint32_t index_lo, uint8_t* __restrict codes) {
   for (int64_t j = 0; j < n; ++j) {
     const float u = uniform_lo(keys, key_hi, index_lo + static_cast<uint32_t>(j));
-    codes[j] = static_cast<uint8_t>(round_code<NU>(g, static_cast<float>(x[j]), lo, range, u));
+    codes[j] = static_cast<uint8_t>(round_code<NU>(p, static_cast<float>(x[j]), lo, range, u));
   }
 }
 
@@ -136,6 +136,7 @@ void quantize_impl(const at::Tensor& x, const Grid& g, int64_t block_size, int64
                    uint8_t* packed, uint16_t* stats) {
   const T* xp = x.const_data_ptr<T>();
   const RngKeys keys = make_keys(seed);
+  const RoundParams rp = make_round_params(g);
   for_each_block_parallel(x.numel(), block_size, g.bits, [&](int64_t b, int64_t begin, int64_t end) {
     const MinMax r = block_minmax(xp + begin, end - begin);
     block_stats(r.mn, r.mx, r.finite, &stats[2 * b], &stats[2 * b + 1]);
@@ -148,9 +149,9 @@ void quantize_impl(const at::Tensor& x, const Grid& g, int64_t block_size, int64
       const uint32_t key_hi = span_key(keys, static_cast<uint64_t>(s) >> 32);
       const uint32_t index_lo = static_cast<uint32_t>(s);
       if (g.nonuniform) {
-        round_span<T, true>(xp + s, e - s, g, lo, range, keys, key_hi, index_lo, codes);
+        round_span<T, true>(xp + s, e - s, rp, lo, range, keys, key_hi, index_lo, codes);
       } else {
-        round_span<T, false>(xp + s, e - s, g, lo, range, keys, key_hi, index_lo, codes);
+        round_span<T, false>(xp + s, e - s, rp, lo, range, keys, key_hi, index_lo, codes);
       }
       pack_span(codes, e - s, s, g.bits, packed);
     });
