@@ -16,10 +16,22 @@ from .functional import (
     unpack_mask,
 )
 from .levels import int2_levels
+from .config import Config
+from .api import CompressionSession, compress, compressed, unwrap, wrap
+from .memory import LiveTensorMemory
+from .report import MemoryReport
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressionSession",
+    "Config",
+    "LiveTensorMemory",
+    "MemoryReport",
+    "compress",
+    "compressed",
+    "unwrap",
+    "wrap",
     "DEFAULT_BLOCK_SIZE",
     "PackedMask",
     "QuantizedTensor",

@@ -37,7 +37,7 @@ class Config:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_block_size(self.block_size)
-        object.__setattr__(self, "nonuniform", resolve_nonuniform(self.nonuniform, self.bits))
+        resolve_nonuniform(self.nonuniform, self.bits)  # validates
         if self.rp_ratio is not None and (
             isinstance(self.rp_ratio, bool) or not isinstance(self.rp_ratio, (int, float))
             or float(self.rp_ratio) not in RP_RATIOS
@@ -46,6 +46,11 @@ class Config:
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ValueError(f"min_numel must be an int >= 0, got {self.min_numel!r}")
         check_seed(self.seed)
+
+    @property
+    def uses_nonuniform(self) -> bool:
+        """Whether the non-uniform INT2 levels apply (``nonuniform=None`` means: when bits == 2)."""
+        return resolve_nonuniform(self.nonuniform, self.bits)
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (validated again)."""

@@ -1,0 +1,322 @@
+"""The hook engine: what happens to each tensor autograd saves inside a compression session.
+
+Two pieces work together while a session is active:
+
+* ``OpTracker``, a ``TorchFunctionMode``, records which op is running (at pack time
+  ``tensor.grad_fn`` names the producer, not the op saving it) and which storages the forward
+  produced without autograd history (e.g. dropout of the input features), so they count as
+  activations rather than inputs.
+* ``HookEngine.pack`` / ``unpack``, installed with ``torch.autograd.graph.saved_tensors_hooks``,
+  apply the policy (see ``HookEngine.pack``) and keep a :class:`~exactq.report.Record` per tensor.
+
+Pitfalls handled (REFERENCE.md section 5): with hooks PyTorch no longer checks in-place changes
+of saved tensors, so unpack checks the version itself; unpack may run many times, so nothing is
+freed on unpack; hooks disable autograd's de-duplication, so identical saves share one packed copy
+(keyed on storage, offset, shape, stride, dtype and version, valid only while that storage lives).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from . import functional as EF
+from . import report as R
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+# Ops whose backward needs only the sign of the saved tensor (ReLU's output, leaky ReLU's input).
+_SIGN_OPS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_,
+             F.leaky_relu, F.leaky_relu_}
+# Ops whose backward uses their saved operands linearly: random projection is unbiased there.
+_LINEAR_OPS = {F.linear, torch.mm, torch.matmul, torch.addmm, torch.bmm, torch.sparse.mm,
+               torch.Tensor.mm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
+               torch.Tensor.addmm, torch.Tensor.bmm}
+_LINEAR_OP_NAMES = ("spmm_sum", "spmm_mean", "spmm")  # torch_sparse's sparse x dense products
+# Normalisations: backward uses the saved mean / inverse std nonlinearly (and they are small, one per
+# feature or node), so only the saved input is quantized; the statistics are kept exactly.
+_NORM_OPS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm}
+_FLOATS = set(EF.FLOAT_DTYPES)
+_SEED_STEP = 0x9E3779B97F4A7C15
+
+
+def _op_name(func: Optional[Callable], t: torch.Tensor) -> str:
+    if func is None:
+        return f"autograd.Function ({type(t.grad_fn).__name__})" if t.grad_fn is not None else "autograd.Function"
+    name = getattr(func, "__name__", None) or str(func)
+    return str(func) if name in ("default", "__call__") else name
+
+
+def _is_linear_op(func: Optional[Callable]) -> bool:
+    if func is None:
+        return False
+    try:
+        if func in _LINEAR_OPS:
+            return True
+    except TypeError:  # unhashable callables
+        return False
+    return str(getattr(func, "__name__", "")).endswith(_LINEAR_OP_NAMES)
+
+
+def _storage_id(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _held_bytes(t: torch.Tensor) -> int:
+    """Memory a strided tensor really pins: its dense size, or less for expanded/overlapping views."""
+    if t.layout != torch.strided:
+        return 0
+    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+
+class OpTracker(TorchFunctionMode):
+    """Tracks the op being executed and the storages produced without autograd history."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current: Optional[Callable] = None
+        self.current_args: Optional[Tuple[Any, Any]] = None
+        self._produced = _StorageKeyed()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        outer = self.current, self.current_args
+        self.current, self.current_args = func, (args, kwargs)
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.current, self.current_args = outer
+        if isinstance(out, torch.Tensor):
+            self._note_output(out, args, kwargs)
+        elif isinstance(out, (tuple, list)):
+            for o in out:
+                if isinstance(o, torch.Tensor):
+                    self._note_output(o, args, kwargs)
+        return out
+
+    def _note_output(self, out: torch.Tensor, args, kwargs) -> None:
+        # Outputs with autograd history are activations anyway; only history-less ones need noting.
+        if out.grad_fn is not None or out.layout != torch.strided or (out.dtype not in _FLOATS and out.dtype != torch.bool):
+            return
+        sid = _storage_id(out)
+        if sid in _arg_storages(args, kwargs):
+            return  # a view or in-place result of an argument: not new memory
+        self._produced.put((sid,), out, True)
+
+    def produced(self, t: torch.Tensor) -> bool:
+        return bool(self._produced.get((_storage_id(t),)))
+
+
+def _arg_storages(args, kwargs) -> set:
+    return {_storage_id(a) for a in tree_flatten((args, kwargs))[0]
+            if isinstance(a, torch.Tensor) and a.layout == torch.strided}
+
+
+class _Packed:
+    """What autograd holds for one saved tensor. ``restore`` may be called any number of times."""
+
+    __slots__ = ("payload", "restore_fn", "tensor_ref", "version", "describe", "__weakref__")
+
+    def __init__(self, payload: Any, restore_fn: Callable[[Any], torch.Tensor], t: torch.Tensor) -> None:
+        self.payload = payload
+        self.restore_fn = restore_fn
+        self.tensor_ref = weakref.ref(t)
+        self.version = t._version
+        self.describe = f"[{t.dtype}, {t.layout}, shape {list(t.shape)}]"
+
+    def check_version(self) -> None:
+        t = self.tensor_ref()
+        if t is not None and t._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: {self.describe} is at version {t._version}; expected version {self.version} "
+                "instead (detected by exactq: saved-tensor hooks switch off PyTorch's own check)."
+            )
+
+    def restore(self) -> torch.Tensor:
+        self.check_version()
+        return self.restore_fn(self.payload)
+
+
+class _Kept(_Packed):
+    """A tensor referenced as it is; holding it strongly lets the version check always run."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, t: torch.Tensor) -> None:
+        super().__init__(None, None, t)
+        self.tensor = t
+
+    def restore(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            super().check_version()
+        return self.tensor
+
+
+class _StorageKeyed:
+    """A dict whose entries are valid only while the storage they were made for is alive (an address
+    can be reused by a new storage once the old one is freed). Expired entries are pruned as it grows."""
+
+    def __init__(self) -> None:
+        self._d: Dict[tuple, Tuple[StorageWeakRef, Any]] = {}
+        self._prune_at = 1024
+
+    def get(self, key: tuple) -> Any:
+        hit = self._d.get(key)
+        return hit[1] if hit is not None and not hit[0].expired() else None
+
+    def put(self, key: tuple, t: torch.Tensor, value: Any) -> None:
+        self._d[key] = (StorageWeakRef(t.untyped_storage()), value)
+        if len(self._d) >= self._prune_at:
+            self._d = {k: v for k, v in self._d.items() if not v[0].expired()}
+            self._prune_at = max(1024, 2 * len(self._d))
+
+
+class HookEngine:
+    """Packs and unpacks saved tensors for one compression session (see module docstring)."""
+
+    def __init__(self, config: Config, tracker: OpTracker, seed: int) -> None:
+        self.config = config
+        self.tracker = tracker
+        self.records: List[R.Record] = []
+        self._seed = seed
+        self._calls = 0
+        self._level = EF.int2_levels(config.block_size)[1] if config.uses_nonuniform else None
+        # Keyed on (storage id, offset, shape, stride, dtype, version): tensors already counted, and
+        # (plus the storage kind) weak references to packed copies that identical saves can share.
+        self._counted = _StorageKeyed()
+        self._shared = _StorageKeyed()
+        self._projections: Dict[tuple, torch.Tensor] = {}
+
+    # -- policy ---------------------------------------------------------------------------------
+    def _is_external(self, t: torch.Tensor) -> bool:
+        """Parameters and inputs that stay alive anyway (or views of them): compressing them adds memory."""
+        root = t._base if t._base is not None else t
+        if root.grad_fn is not None or self.tracker.produced(t):
+            return False
+        if self.tracker.current_args is None:
+            return True  # saved outside any tracked op (a Python autograd.Function): leave it
+        # A history-less tensor that is not an argument of the saving op was made inside it (e.g. a
+        # dropout mask); one that is an argument came from outside the session.
+        return _storage_id(t) in _arg_storages(*self.tracker.current_args)
+
+    def pack(self, t: torch.Tensor) -> _Packed:
+        """Policy, in order: external -> referenced; non-strided, non-float/bool, fewer than
+        ``min_numel`` elements or overlapping memory -> kept as is; bool -> 1-bit mask; statistics
+        saved by a normalisation -> kept as is; saved by a ReLU-like op -> 1-bit sign; saved by a linear op with ``rp_ratio`` set -> projected and
+        quantized; any other float -> block-wise quantized."""
+        op = self.tracker.current
+        name = _op_name(op, t)
+        if t.layout != torch.strided or (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)):
+            # Sparse adjacencies and tensor subclasses: left to autograd as they are.
+            return self._keep(t, name, R.EXTERNAL if t.grad_fn is None else R.UNCOMPRESSED)
+        if self._is_external(t):
+            return self._keep(t, name, R.EXTERNAL)
+        nbytes = t.numel() * t.element_size()
+        overlapping = t.untyped_storage().nbytes() < nbytes
+        if t.dtype == torch.bool and not overlapping and t.numel() > 0:
+            return self._shared_pack(t, name, R.MASK, lambda: EF.pack_mask(t), EF.unpack_mask)
+        if t.dtype not in _FLOATS or t.numel() < self.config.min_numel or overlapping:
+            return self._keep(t, name, R.UNCOMPRESSED)
+        if op in _NORM_OPS and not self._is_first_argument_sized(t):
+            return self._keep(t, name, R.UNCOMPRESSED)
+        if op in _SIGN_OPS:
+            dtype = t.dtype
+            return self._shared_pack(t, name, R.SIGN, lambda: EF.pack_mask(t > 0),
+                                     lambda p: EF.unpack_mask(p).to(dtype))
+        if self.config.rp_ratio is not None and self.config.rp_ratio < 1 and t.dim() >= 2 and _is_linear_op(op):
+            d = t.shape[-1]
+            r = max(1, math.ceil(d * self.config.rp_ratio))
+            if r < d:
+                return self._shared_pack(t, name, R.PROJECTED, lambda: self._project(t, r), self._unproject)
+        return self._shared_pack(t, name, R.QUANTIZED, lambda: self._quantize(t), EF.dequantize)
+
+    def _is_first_argument_sized(self, t: torch.Tensor) -> bool:
+        args, _ = self.tracker.current_args
+        return bool(args) and isinstance(args[0], torch.Tensor) and args[0].shape == t.shape
+
+    # -- storage forms ----------------------------------------------------------------------------
+    def _next_seed(self) -> int:
+        self._calls += 1
+        return (self._seed + self._calls * _SEED_STEP) % (2**63 - 1)
+
+    def _quantize(self, t: torch.Tensor) -> EF.QuantizedTensor:
+        return EF.quantize(t, self.config.bits, self.config.block_size, self.config.uses_nonuniform, self._next_seed())
+
+    def _projection(self, d: int, r: int, t: torch.Tensor) -> torch.Tensor:
+        """Rademacher matrix (d x r) with entries +-1/sqrt(r), so E[P P^T] = I; one per session and shape."""
+        key = (d, r, t.dtype, t.device)
+        p = self._projections.get(key)
+        if p is None:
+            g = torch.Generator().manual_seed((self._seed ^ (d * 1_000_003 + r)) % (2**63 - 1))
+            signs = torch.randint(0, 2, (d, r), generator=g, dtype=torch.int8) * 2 - 1
+            p = (signs.to(torch.float32) / math.sqrt(r)).to(device=t.device, dtype=t.dtype)
+            self._projections[key] = p
+        return p
+
+    def _project(self, t: torch.Tensor, r: int) -> Tuple[EF.QuantizedTensor, torch.Tensor, torch.Size]:
+        p = self._projection(t.shape[-1], r, t)
+        return self._quantize(t.reshape(-1, t.shape[-1]) @ p), p, t.shape
+
+    @staticmethod
+    def _unproject(payload) -> torch.Tensor:
+        q, p, shape = payload
+        return (EF.dequantize(q) @ p.t()).view(shape)
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        return (_storage_id(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+
+    def _count_original(self, t: torch.Tensor) -> int:
+        """Bytes autograd would hold for ``t``: its size the first time the tensor is seen, else 0."""
+        key = self._key(t)
+        if self._counted.get(key):
+            return 0
+        self._counted.put(key, t, True)
+        return _held_bytes(t)
+
+    def _keep(self, t: torch.Tensor, name: str, kind: str) -> _Packed:
+        if kind == R.EXTERNAL:
+            self.records.append(R.Record(kind, name, 0, _held_bytes(t)))
+        else:  # an activation stored as is, once, as autograd would store it
+            original = self._count_original(t) if t.layout == torch.strided else 0
+            self.records.append(R.Record(kind, name, original, original))
+        return _Kept(t)
+
+    def _shared_pack(self, t: torch.Tensor, name: str, kind: str, make: Callable[[], Any],
+                     restore: Callable[[Any], torch.Tensor]) -> _Packed:
+        key = self._key(t) + (kind,)
+        original = self._count_original(t)
+        ref = self._shared.get(key)
+        packed = ref() if ref is not None else None
+        if packed is not None:
+            self.records.append(R.Record(R.DEDUPLICATED, name, original, 0))
+            return packed
+        payload = make()
+        packed = _Packed(payload, restore, t)
+        self._shared.put(key, t, weakref.ref(packed))
+        self.records.append(R.Record(kind, name, original, _payload_bytes(payload)))
+        return packed
+
+    @staticmethod
+    def unpack(packed: _Packed) -> torch.Tensor:
+        return packed.restore()
+
+    def report(self) -> R.MemoryReport:
+        return R.MemoryReport.from_records(self.records)
+
+
+def _payload_bytes(payload: Any) -> int:
+    if isinstance(payload, (EF.QuantizedTensor, EF.PackedMask)):
+        return payload.nbytes
+    q = payload[0]  # projected: (QuantizedTensor, shared projection matrix, shape)
+    return q.nbytes

@@ -1,0 +1,54 @@
+"""Independent measurement of tensor memory: every storage allocated while a tracker is active,
+counted while it stays alive. Used to check :class:`exactq.MemoryReport` against reality and to
+measure activation memory as "memory held after forward minus memory held before it".
+"""
+from __future__ import annotations
+
+import resource
+from typing import Dict
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveTensorMemory(TorchDispatchMode):
+    """Counts the bytes of tensor storages created inside the ``with`` block that are still alive.
+
+    Works on every device (it sees each ATen op's outputs), unlike allocator statistics, which CPU
+    tensors lack. Views and in-place results share a storage and are counted once.
+
+    >>> with LiveTensorMemory() as mem:
+    ...     y = torch.ones(1000)
+    >>> mem.live_bytes()
+    4000
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._storages: Dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # A view or in-place result shares an argument's storage: that memory existed already.
+        existing = {a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0]
+                    if isinstance(a, torch.Tensor) and a.layout == torch.strided}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                s = t.untyped_storage()
+                if s._cdata in existing:
+                    continue
+                ref = StorageWeakRef(s)
+                if ref.cdata not in self._storages or self._storages[ref.cdata][0].expired():
+                    self._storages[ref.cdata] = (ref, s.nbytes())
+        return out
+
+    def live_bytes(self) -> int:
+        """Bytes of storages created under this tracker that are alive now."""
+        return sum(n for ref, n in self._storages.values() if not ref.expired())
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far, as the operating system measures it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,98 @@
+"""What a compression session stored: per saved tensor records and their summary."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Tuple
+
+# How a saved tensor was stored.
+QUANTIZED = "quantized"  # block-wise low-bit
+PROJECTED = "projected"  # random projection, then block-wise low-bit
+MASK = "mask"  # bool tensor, 1 bit per element
+SIGN = "sign"  # output of ReLU-like op, only its sign kept (1 bit)
+UNCOMPRESSED = "uncompressed"  # an activation kept as is (small, integer, sparse, overlapping)
+EXTERNAL = "external"  # parameter or input that stays alive anyway: referenced, not copied
+DEDUPLICATED = "deduplicated"  # saved before by another op in the same form: shared
+KINDS = (QUANTIZED, PROJECTED, MASK, SIGN, UNCOMPRESSED, EXTERNAL, DEDUPLICATED)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One saved tensor. ``original_bytes`` is what autograd would hold for it without exactq (zero
+    when the same tensor was already counted, or when it stays alive anyway)."""
+
+    kind: str
+    op: str
+    original_bytes: int
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class Totals:
+    count: int = 0
+    original_bytes: int = 0
+    stored_bytes: int = 0
+
+    def add(self, r: Record) -> "Totals":
+        return Totals(self.count + 1, self.original_bytes + r.original_bytes, self.stored_bytes + r.stored_bytes)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Summary of the activations saved inside a compression session.
+
+    Attributes:
+        original_bytes: bytes the saved activations would take without exactq (each tensor once;
+            parameters and inputs that stay alive anyway excluded).
+        stored_bytes: bytes exactq actually stores for them.
+        external_bytes: bytes of parameters/inputs referenced as they are (alive anyway, not counted).
+        by_kind: totals per storage kind (see ``exactq.report.KINDS``).
+        by_op: totals per op that saved the tensor.
+    """
+
+    original_bytes: int
+    stored_bytes: int
+    external_bytes: int
+    by_kind: Dict[str, Totals] = field(default_factory=dict)
+    by_op: Dict[str, Totals] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """original_bytes / stored_bytes (how many times smaller the saved activations are)."""
+        return self.original_bytes / self.stored_bytes if self.stored_bytes else float("inf")
+
+    @classmethod
+    def from_records(cls, records: Iterable[Record]) -> "MemoryReport":
+        by_kind: Dict[str, Totals] = {}
+        by_op: Dict[str, Totals] = {}
+        original = stored = external = 0
+        for r in records:
+            by_kind[r.kind] = by_kind.get(r.kind, Totals()).add(r)
+            if r.kind == EXTERNAL:
+                external += r.stored_bytes
+                continue
+            by_op[r.op] = by_op.get(r.op, Totals()).add(r)
+            original += r.original_bytes
+            stored += r.stored_bytes
+        return cls(original, stored, external, by_kind, by_op)
+
+    def _rows(self, title: str, items: Iterable[Tuple[str, Totals]]) -> list[str]:
+        rows = [f"{title:<24} {'saved':>6} {'original MB':>12} {'stored MB':>10} {'ratio':>7}"]
+        for name, t in sorted(items, key=lambda kv: -kv[1].original_bytes):
+            ratio = f"{t.original_bytes / t.stored_bytes:.1f}x" if t.stored_bytes else "-"
+            rows.append(f"{name:<24} {t.count:>6} {_mb(t.original_bytes):>12} {_mb(t.stored_bytes):>10} {ratio:>7}")
+        return rows
+
+    def __str__(self) -> str:
+        lines = [
+            f"saved activations: {_mb(self.original_bytes)} MB without exactq, {_mb(self.stored_bytes)} MB stored "
+            f"({self.ratio:.1f}x smaller); {_mb(self.external_bytes)} MB of parameters/inputs referenced",
+            "",
+        ]
+        lines += self._rows("by kind", self.by_kind.items())
+        lines.append("")
+        lines += self._rows("by op", self.by_op.items())
+        return "\n".join(lines)

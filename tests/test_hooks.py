@@ -1,0 +1,331 @@
+"""The hook engine and user API on real PyG models."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_geometric.typing
+from torch_geometric.utils import to_torch_csr_tensor
+
+import exactq
+from exactq import report as R
+from exactq.data import synthetic_graph
+from exactq.train import build_model
+
+MODEL_CASES = [
+    ("gcn", "batch_norm", "relu"),
+    ("sage", "layer_norm", "elu"),
+    ("gat", "batch_norm", "elu"),
+    ("gatv2", "layer_norm", "relu"),
+    ("gin", "batch_norm", "relu"),
+    ("gcnii", None, "relu"),
+]
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return synthetic_graph(600, 32, 4000, 4, seed=0)
+
+
+def _model(name, norm, act, graph, seed=0):
+    torch.manual_seed(seed)
+    return build_model(name, graph.num_features, 64, 4, 3 if name != "gcnii" else 4, norm=norm, act=act, dropout=0.5)
+
+
+def _grads(model, graph, ctx, adj=None, data_seed=123):
+    """Parameter gradients of one training step; dropout masks fixed by data_seed."""
+    model.zero_grad(set_to_none=True)
+    model.train()
+    torch.manual_seed(data_seed)
+    with ctx:
+        out = model(graph.x, graph.edge_index if adj is None else adj)
+    F.cross_entropy(out[graph.train_mask], graph.y[graph.train_mask]).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name, norm, act", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_int8_gradients_close_to_fp32(graph, name, norm, act):
+    model = _model(name, norm, act, graph)
+    g32 = _grads(model, graph, contextlib.nullcontext())
+    g8 = _grads(model, graph, exactq.compress(bits=8, seed=1, min_numel=0))
+    assert _rel(g8, g32) < 0.05, f"{name}: int8 gradient relative error {_rel(g8, g32):.4f}"
+
+
+@pytest.mark.parametrize("name, norm, act", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_int2_gradients_average_to_fp32_and_report_ratio(graph, name, norm, act):
+    model = _model(name, norm, act, graph)
+    g32 = _grads(model, graph, contextlib.nullcontext())
+    draws = []
+    for s in range(16):
+        session = exactq.compress(bits=2, seed=s, min_numel=0)
+        draws.append(_grads(model, graph, session))
+    single = sum(_rel(g, g32) for g in draws) / len(draws)
+    mean = _rel(torch.stack(draws).mean(0), g32)
+    # Unbiased draws: the error of the mean of 16 shrinks ~4x; a biased estimator would not shrink.
+    assert mean < 0.45 * single, f"{name}: mean-of-16 error {mean:.4f} vs single {single:.4f}"
+    quantized = session.report().by_kind[R.QUANTIZED]
+    assert quantized.original_bytes / quantized.stored_bytes >= 10
+
+
+def test_report_agrees_with_measured_live_memory(graph):
+    """Stored bytes and fp32 bytes in the report vs an independent count of live tensor storage."""
+    model = _model("sage", "batch_norm", "relu", graph)
+    measured = {}
+    for bits in (None, 2):
+        ctx = exactq.compress(bits=bits, min_numel=0) if bits else contextlib.nullcontext()
+        with exactq.LiveTensorMemory() as mem:
+            with ctx as session:
+                out = model(graph.x, graph.edge_index)
+            measured[bits] = mem.live_bytes() - out.untyped_storage().nbytes()
+        if bits:
+            report = session.report()
+    assert report.original_bytes == pytest.approx(measured[None], rel=0.02)
+    assert report.stored_bytes == pytest.approx(measured[2], rel=0.02)
+    assert measured[None] / measured[2] > 8
+
+
+def test_policy_kinds_and_dedup(graph):
+    lin = torch.nn.Linear(32, 64)
+    x = graph.x
+    with exactq.compress(bits=2, min_numel=0) as s:
+        h = F.dropout(x, 0.5, True)  # no autograd history, but made inside: an activation
+        a = F.relu(lin(h))  # relu's output: 1-bit sign
+        b = a * a  # the same tensor saved twice by one op: stored once
+        out = b.sum()
+    rep = s.report()
+    kinds = {k: t.count for k, t in rep.by_kind.items()}
+    assert kinds[R.SIGN] == 1 and kinds[R.DEDUPLICATED] >= 1
+    assert rep.by_op["linear"].original_bytes == h.numel() * 4  # dropout(x) counted as activation
+
+
+@pytest.mark.parametrize("act", [F.relu, torch.relu, F.leaky_relu, lambda t: t.relu()],
+                         ids=["F.relu", "torch.relu", "F.leaky_relu", "Tensor.relu"])
+def test_relu_like_ops_store_one_bit_and_give_exact_gradients(act):
+    x = torch.randn(300, 64, requires_grad=True)
+    c = torch.randn(64)
+    grads = []
+    for ctx in (contextlib.nullcontext(), exactq.compress(bits=2, min_numel=0)):
+        with ctx as s:
+            y = act(x * 2)
+        (y * c).sum().backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+    assert torch.equal(grads[0], grads[1])
+    assert s.report().by_kind[R.SIGN].stored_bytes == 300 * 64 // 8
+
+
+def test_dropout_gradient_is_exact_at_two_bits():
+    """Dropout saves a 1-bit mask (bool) or a two-valued scale tensor, whose values are its blocks'
+    min and max: both come back exactly, so the gradient equals fp32's."""
+    x = torch.randn(300, 64, requires_grad=True)
+    grads = []
+    for ctx in (contextlib.nullcontext(), exactq.compress(bits=2, seed=0, min_numel=0)):
+        torch.manual_seed(7)
+        with ctx:
+            y = F.dropout(x * 3, 0.5, True)
+        (y * torch.arange(64.0)).sum().backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_parameters_and_inputs_are_referenced_not_copied(graph):
+    model = _model("gcn", None, "relu", graph)
+    with exactq.compress(bits=2) as s:
+        model(graph.x, graph.edge_index)
+    ext = s.report().by_kind[R.EXTERNAL]
+    assert ext.count > 0 and ext.original_bytes == 0
+
+
+def test_random_projection_applies_to_linear_inputs_and_is_unbiased(graph):
+    model = _model("sage", None, "relu", graph)
+    g32 = _grads(model, graph, contextlib.nullcontext())
+    draws = []
+    for s in range(16):
+        session = exactq.compress(bits=8, rp_ratio=0.25, seed=s, min_numel=0)
+        draws.append(_grads(model, graph, session))
+    rep = session.report()
+    assert R.PROJECTED in rep.by_kind and rep.by_kind[R.PROJECTED].count >= 2
+    # Only linear ops' inputs are projected: the projected payloads are no larger than linear's share.
+    assert rep.by_kind[R.PROJECTED].stored_bytes <= rep.by_op["linear"].stored_bytes
+    single = sum(_rel(g, g32) for g in draws) / len(draws)
+    assert _rel(torch.stack(draws).mean(0), g32) < 0.45 * single
+
+
+def test_retain_graph_and_repeated_backward(graph):
+    model = _model("gcn", "batch_norm", "relu", graph)
+    with exactq.compress(bits=2, min_numel=0):
+        out = model(graph.x, graph.edge_index)
+    loss = out.pow(2).mean()
+    g1 = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    g2 = torch.autograd.grad(loss, list(model.parameters()))
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)  # unpack is deterministic and nothing was freed on first unpack
+
+
+def test_double_backward(graph):
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 1)
+    x = graph.x.clone().requires_grad_()
+
+    def penalty(ctx):
+        with ctx:
+            y = lin2(torch.tanh(lin1(x))).sum()
+        (gx,) = torch.autograd.grad(y, x, create_graph=True)
+        lin1.zero_grad()
+        gx.pow(2).sum().backward()
+        return lin1.weight.grad.clone()
+
+    ref = penalty(contextlib.nullcontext())
+    got = penalty(exactq.compress(bits=8, min_numel=0))
+    assert _rel(got, ref) < 0.05
+
+
+def test_inplace_change_after_saving_raises_like_pytorch():
+    a = torch.randn(100, 100, requires_grad=True)
+    for ctx in (contextlib.nullcontext(), exactq.compress(bits=2, min_numel=0)):
+        with ctx:
+            b = a * 2
+            c = b.sin()
+        b.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            c.sum().backward()
+
+
+def test_nested_blocks_innermost_applies():
+    x = torch.randn(64, 128, requires_grad=True)
+    with exactq.compress(bits=8, min_numel=0) as outer:
+        y = x.sin()
+        with exactq.compress(bits=2, min_numel=0) as inner:
+            z = y.cos()
+        w = z.exp()
+    (w.sum()).backward()
+    # cos's input y was saved inside the inner block only; exp's result in the outer one only.
+    assert set(inner.report().by_op) == {"cos"}
+    assert "exp" in outer.report().by_op and "cos" not in outer.report().by_op
+    assert inner.report().by_kind[R.QUANTIZED].stored_bytes * 3 < outer.report().by_kind[R.QUANTIZED].stored_bytes
+
+
+def _hooks_active() -> bool:
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def test_exception_leaves_no_hooks_behind():
+    with pytest.raises(ValueError, match="boom"):
+        with exactq.compress(bits=2):
+            assert _hooks_active()
+            raise ValueError("boom")
+    assert not _hooks_active()
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_backward_after_block_and_memory_freed_after_backward(graph):
+    model = _model("sage", "batch_norm", "relu", graph)
+    with exactq.LiveTensorMemory() as mem:
+        with exactq.compress(bits=2, min_numel=0):
+            out = model(graph.x, graph.edge_index)
+        held = mem.live_bytes() - out.untyped_storage().nbytes()
+        loss = out.pow(2).mean()
+        del out
+        loss.backward()
+        del loss
+        after = mem.live_bytes()
+    assert held > 0
+    grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    assert after <= grads, f"{after} bytes still alive after backward (gradients: {grads})"
+
+
+def test_memory_flat_over_200_steps(graph):
+    model = _model("gcn", "batch_norm", "relu", graph)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    live = []
+    with exactq.LiveTensorMemory() as mem:
+        for _ in range(200):
+            opt.zero_grad()
+            with exactq.compress(bits=2, min_numel=0):
+                out = model(graph.x, graph.edge_index)
+            F.cross_entropy(out[graph.train_mask], graph.y[graph.train_mask]).backward()
+            opt.step()
+            del out
+            live.append(mem.live_bytes())
+    assert live[-1] == live[10], f"live bytes grew from {live[10]} to {live[-1]}"
+
+
+@pytest.mark.parametrize("adjacency", ["edge_index", "torch.sparse"])
+@pytest.mark.parametrize("with_scatter", [True, False], ids=["torch_scatter", "no_torch_scatter"])
+@pytest.mark.parametrize("name", ["gcn", "sage"])
+def test_edge_index_and_sparse_adjacency_with_and_without_torch_scatter(graph, monkeypatch, name, adjacency, with_scatter):
+    if with_scatter and not torch_geometric.typing.WITH_TORCH_SCATTER:
+        pytest.skip("torch_scatter is not installed")
+    monkeypatch.setattr(torch_geometric.typing, "WITH_TORCH_SCATTER", with_scatter)
+    model = _model(name, "batch_norm", "relu", graph)
+    adj = None
+    if adjacency == "torch.sparse":
+        # The synthetic graph is symmetric, so the adjacency equals its transpose (PyG's adj_t).
+        adj = to_torch_csr_tensor(graph.edge_index, size=(graph.num_nodes, graph.num_nodes))
+    g32 = _grads(model, graph, contextlib.nullcontext(), adj)
+    g8 = _grads(model, graph, exactq.compress(bits=8, seed=3, min_numel=0), adj)
+    assert _rel(g8, g32) < 0.02
+
+
+def test_decorator_and_wrap_match_context_manager(graph):
+    model = _model("sage", "batch_norm", "relu", graph)
+    ref = _grads(model, graph, exactq.compress(bits=2, seed=9, min_numel=0))
+
+    @exactq.compressed(bits=2, seed=9, min_numel=0)
+    def forward(x, ei):
+        return model(x, ei)
+
+    model.zero_grad()
+    torch.manual_seed(123)
+    out = forward(graph.x, graph.edge_index)
+    F.cross_entropy(out[graph.train_mask], graph.y[graph.train_mask]).backward()
+    dec = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.equal(dec, ref)
+    assert forward.exactq_session.last.report().stored_bytes > 0
+
+    exactq.wrap(model, bits=2, seed=9, min_numel=0)
+    wrapped = _grads(model, graph, contextlib.nullcontext())
+    assert torch.equal(wrapped, ref)
+    assert model.forward.exactq_session.last.report().ratio > 5
+    exactq.unwrap(model)
+    assert not hasattr(model.forward, "exactq_session")
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="bits must be one of"):
+        exactq.compress(bits=3)
+    with pytest.raises(TypeError, match="unknown compression option"):
+        exactq.compress(bitz=2)
+    with pytest.raises(TypeError, match="config must be an exactq.Config"):
+        exactq.compress("int2")
+    with pytest.raises(ValueError, match="rp_ratio must be None or one of"):
+        exactq.Config(rp_ratio=0.3)
+    with pytest.raises(ValueError, match="min_numel must be an int >= 0"):
+        exactq.Config(min_numel=-1)
+    with pytest.raises(ValueError, match="block_size must be an int >= 1"):
+        exactq.Config(block_size=0)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        exactq.wrap(lambda x: x)
+    with pytest.raises(RuntimeError, match="has not run yet"):
+        exactq.compress().report()
+    s = exactq.compress()
+    with s:
+        pass
+    with pytest.raises(RuntimeError, match="entered once"):
+        with s:
+            pass
+    cfg = exactq.Config()
+    with pytest.raises(Exception):
+        cfg.bits = 4  # frozen
+
+
+def test_config_is_immutable_and_composable():
+    base = exactq.Config(bits=4, block_size=128)
+    s = exactq.compress(base, bits=8)
+    assert s.config.bits == 8 and s.config.block_size == 128 and base.bits == 4
+    assert exactq.Config(bits=2).uses_nonuniform and not exactq.Config(bits=4).uses_nonuniform
