@@ -209,7 +209,8 @@ class HookEngine:
         return _storage_id(t) in _arg_storages(*self.tracker.current_args)
 
     def pack(self, t: torch.Tensor) -> _Packed:
-        """Policy, in order: external -> referenced; non-strided, non-float/bool, fewer than
+        """Policy, in order: external -> referenced; dense operand of a product with a constant sparse
+        matrix -> nothing stored; non-strided, non-float/bool, fewer than
         ``min_numel`` elements or overlapping memory -> kept as is; bool -> 1-bit mask; statistics
         saved by a normalisation -> kept as is; saved by a ReLU-like op -> 1-bit sign; saved by a linear op with ``rp_ratio`` set -> projected and
         quantized; any other float -> block-wise quantized."""
@@ -220,6 +221,8 @@ class HookEngine:
             return self._keep(t, name, R.EXTERNAL if t.grad_fn is None else R.UNCOMPRESSED)
         if self._is_external(t):
             return self._keep(t, name, R.EXTERNAL)
+        if _is_linear_op(op) and self._is_dense_operand_of_constant_sparse_product(t):
+            return self._skip(t, name)
         nbytes = t.numel() * t.element_size()
         overlapping = t.untyped_storage().nbytes() < nbytes
         if t.dtype == torch.bool and not overlapping and t.numel() > 0:
@@ -238,6 +241,14 @@ class HookEngine:
             if r < d:
                 return self._shared_pack(t, name, R.PROJECTED, lambda: self._project(t, r), self._unproject)
         return self._shared_pack(t, name, R.QUANTIZED, lambda: self._quantize(t), EF.dequantize)
+
+    def _is_dense_operand_of_constant_sparse_product(self, t: torch.Tensor) -> bool:
+        """In A @ X with a sparse A that needs no gradient, X is saved only for A's gradient."""
+        args, kwargs = self.tracker.current_args
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        sparse = [a for a in tensors if a.layout != torch.strided]
+        return (bool(sparse) and not any(a.requires_grad for a in sparse)
+                and _storage_id(t) in {_storage_id(a) for a in tensors if a.layout == torch.strided})
 
     def _is_first_argument_sized(self, t: torch.Tensor) -> bool:
         args, _ = self.tracker.current_args
@@ -291,6 +302,13 @@ class HookEngine:
             original = self._count_original(t) if t.layout == torch.strided else 0
             self.records.append(R.Record(kind, name, original, original))
         return _Kept(t)
+
+    def _skip(self, t: torch.Tensor, name: str) -> _Packed:
+        """Store nothing; should autograd still unpack it, a zero-stride tensor of zeros stands in
+        (the only consumer, the sparse operand's gradient, is never computed)."""
+        shape, dtype, device = t.shape, t.dtype, t.device
+        self.records.append(R.Record(R.UNNEEDED, name, self._count_original(t), 0))
+        return _Packed(None, lambda _: torch.zeros((), dtype=dtype, device=device).expand(shape), t)
 
     def _shared_pack(self, t: torch.Tensor, name: str, kind: str, make: Callable[[], Any],
                      restore: Callable[[Any], torch.Tensor]) -> _Packed:

@@ -12,7 +12,8 @@ SIGN = "sign"  # output of ReLU-like op, only its sign kept (1 bit)
 UNCOMPRESSED = "uncompressed"  # an activation kept as is (small, integer, sparse, overlapping)
 EXTERNAL = "external"  # parameter or input that stays alive anyway: referenced, not copied
 DEDUPLICATED = "deduplicated"  # saved before by another op in the same form: shared
-KINDS = (QUANTIZED, PROJECTED, MASK, SIGN, UNCOMPRESSED, EXTERNAL, DEDUPLICATED)
+UNNEEDED = "unneeded"  # dense operand of A @ X with a constant sparse A: only A's gradient uses it
+KINDS = (QUANTIZED, PROJECTED, MASK, SIGN, UNCOMPRESSED, EXTERNAL, DEDUPLICATED, UNNEEDED)
 
 
 @dataclass(frozen=True)

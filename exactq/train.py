@@ -89,7 +89,12 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> floa
 def train(model: torch.nn.Module, data: Data, config: Optional[Config], *, epochs: int = 200,
           lr: float = 0.01, weight_decay: float = 5e-4, progress: bool = False, desc: str = "",
           measure_memory: bool = True) -> RunResult:
-    """Full-batch training; ``config=None`` trains in fp32. Memory is measured on the first epoch."""
+    """Full-batch training; ``config=None`` trains in fp32. Memory is measured on the first epoch.
+
+    Aggregates with ``data.adj_t`` when present (see ``exactq.data.with_sparse_adjacency``), else with
+    ``data.edge_index``.
+    """
+    graph = data.adj_t if "adj_t" in data else data.edge_index
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     result = RunResult(0.0, 0.0)
     for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
@@ -100,7 +105,7 @@ def train(model: torch.nn.Module, data: Data, config: Optional[Config], *, epoch
         tracker = LiveTensorMemory() if measure_memory and epoch == 0 else contextlib.nullcontext()
         with tracker:
             with session:
-                out = model(data.x, data.edge_index)
+                out = model(data.x, graph)
             if isinstance(tracker, LiveTensorMemory):
                 result.activation_bytes = tracker.live_bytes() - out.untyped_storage().nbytes()
         loss = F.cross_entropy(out[data.train_mask], data.y[data.train_mask])
@@ -112,7 +117,7 @@ def train(model: torch.nn.Module, data: Data, config: Optional[Config], *, epoch
             result.report = session.report()
         model.eval()
         with torch.no_grad():
-            logits = model(data.x, data.edge_index)
+            logits = model(data.x, graph)
         val = _accuracy(logits, data.y, data.val_mask)
         if val >= result.best_val:
             result.best_val, result.test_at_best_val = val, _accuracy(logits, data.y, data.test_mask)

@@ -272,6 +272,30 @@ def test_edge_index_and_sparse_adjacency_with_and_without_torch_scatter(graph, m
     assert _rel(g8, g32) < 0.02
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_dense_operand_of_constant_sparse_product_is_not_stored(graph, reduce):
+    """REFERENCE.md section 1: A @ X with constant A needs nothing saved for X's gradient (PyTorch's
+    reducing sparse matmul, which PyG uses, saves it anyway)."""
+    adj = to_torch_csr_tensor(graph.edge_index, size=(graph.num_nodes, graph.num_nodes))
+    x = graph.x.clone().requires_grad_()
+    w = torch.randn(graph.num_nodes, 32)
+    grads = []
+    for ctx in (contextlib.nullcontext(), exactq.compress(bits=2, min_numel=0)):
+        with ctx as s:
+            y = torch.sparse.mm(adj, x * 2, reduce)
+        (y * w).sum().backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+    assert torch.equal(grads[0], grads[1])
+    unneeded = s.report().by_kind[R.UNNEEDED]
+    assert unneeded.count == 1 and unneeded.stored_bytes == 0 and unneeded.original_bytes == x.numel() * 4
+    # With a sparse matrix that needs a gradient, the dense operand is stored (quantized) as usual.
+    adj_g = adj.detach().clone().requires_grad_()
+    with exactq.compress(bits=2, min_numel=0) as s:
+        torch.sparse.mm(adj_g, x * 2, reduce)
+    assert R.UNNEEDED not in s.report().by_kind
+
+
 def test_decorator_and_wrap_match_context_manager(graph):
     model = _model("sage", "batch_norm", "relu", graph)
     ref = _grads(model, graph, exactq.compress(bits=2, seed=9, min_numel=0))
