@@ -6,13 +6,14 @@ nvcc is found (or ``EXACTQ_CUDA=1`` forces them on, ``EXACTQ_CUDA=0`` off).
 import glob
 import os
 
+import runpy
+
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# No FMA contraction: kernels must round exactly like the plain-PyTorch reference (see csrc/common.h).
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++20"]
-NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++20"]
+_FLAGS = runpy.run_path(os.path.join(ROOT, "exactq", "_build.py"))
+CXX_FLAGS, NVCC_FLAGS = _FLAGS["CXX_FLAGS"], _FLAGS["NVCC_FLAGS"]
 
 
 def _want_cuda() -> bool:

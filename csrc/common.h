@@ -104,6 +104,10 @@ EXACTQ_HD void block_stats(float mn, float mx, bool finite, uint16_t* lo_bits, u
     *range_bits = kBf16NaN;
     return;
   }
+  // -0.0 and +0.0 compare equal, so which one a min/max reduction returns depends on its order;
+  // adding +0.0 maps both to +0.0 and keeps every implementation's statistics identical.
+  mn = mn + 0.0f;
+  mx = mx + 0.0f;
   const uint16_t lo = bf16_round_down(mn);
   const float lo_f = bf16_to_float(lo);
   uint16_t rg = bf16_round_up(mx - lo_f);

@@ -116,8 +116,9 @@ def block_stats(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torc
     blocks = padded.view(nblocks, block_size)
     finite = (torch.isfinite(blocks) | ~valid).all(dim=1)
     inf = torch.tensor(float("inf"))
-    mn = torch.where(valid, blocks, inf).amin(dim=1)
-    mx = torch.where(valid, blocks, -inf).amax(dim=1)
+    # + 0.0 turns -0.0 into +0.0: reductions may return either, so all implementations canonicalise.
+    mn = torch.where(valid, blocks, inf).amin(dim=1) + 0.0
+    mx = torch.where(valid, blocks, -inf).amax(dim=1) + 0.0
     lo = bf16_round_down(mn)
     lo_f = bf16_bits_to_float(lo)
     rg = bf16_round_up(mx - lo_f)

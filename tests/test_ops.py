@@ -278,3 +278,14 @@ def test_bad_inputs_raise_clear_errors():
     # The kernels check too, for callers of torch.ops.exactq directly.
     with pytest.raises(RuntimeError, match="bits must be one of 1, 2, 4, 8"):
         _ops.quantize(torch.randn(4), 3, 4, None, 0)
+
+
+def test_signed_zero_extremes_give_identical_stats(device):
+    """-0.0 and +0.0 tie in min/max; every implementation must store the same statistics."""
+    x = torch.tensor([0.0, -0.0, 1.0, 2.0] * 64, device=device)
+    x[::7] = -0.0
+    packed, stats = _ops.quantize(x, 2, 64, None, 3)
+    rpacked, rstats = reference.quantize(x, 2, 64, None, 3)
+    assert torch.equal(stats.cpu().view(torch.int16), rstats.view(torch.int16))
+    assert torch.equal(packed.cpu(), rpacked)
+    assert (stats[:, 0].float() == 0).all() and not torch.signbit(stats[:, 0].float()).any()
