@@ -19,7 +19,14 @@ class Config:
         bits: bits per quantized element: 1, 2, 4 or 8.
         block_size: elements per block of the flattened tensor; one bfloat16 min and range per block.
             256 by default: see ``DEFAULT_BLOCK_SIZE`` for the measurement behind it.
-        nonuniform: variance-minimising INT2 levels; ``None`` means on for ``bits=2``.
+        block_rows: if set, blocks are this many whole rows of each tensor instead (block_size =
+            block_rows x its last dimension), as the ICASSP paper defines them; ``block_rows=1`` is
+            EXACT's per-node grouping.
+        nonuniform: variance-minimising INT2 levels. ``None`` (auto, INT2 only): on for tensors whose
+            values are normal-like, the inputs of normalisation layers and randomly projected tensors,
+            and off elsewhere. Measured on real activations (experiments/results/block_size.md): the
+            levels cut the rounding error by 15-25% on those, but raise it by 5-18% on post-ReLU /
+            dropout tensors, whose values pile up at the block minimum.
         rp_ratio: random projection before quantizing tensors that a linear op consumes, keeping this
             fraction of the last dimension (one of 1/8, 1/4, 1/2, 1); ``None`` means off.
         min_numel: saved tensors with fewer elements are kept as they are.
@@ -29,6 +36,7 @@ class Config:
 
     bits: int = 2
     block_size: int = DEFAULT_BLOCK_SIZE
+    block_rows: Optional[int] = None
     nonuniform: Optional[bool] = None
     rp_ratio: Optional[float] = None
     min_numel: int = DEFAULT_MIN_NUMEL
@@ -37,6 +45,10 @@ class Config:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_block_size(self.block_size)
+        if self.block_rows is not None and (
+            isinstance(self.block_rows, bool) or not isinstance(self.block_rows, int) or self.block_rows < 1
+        ):
+            raise ValueError(f"block_rows must be None or an int >= 1, got {self.block_rows!r}")
         resolve_nonuniform(self.nonuniform, self.bits)  # validates
         if self.rp_ratio is not None and (
             isinstance(self.rp_ratio, bool) or not isinstance(self.rp_ratio, (int, float))
@@ -47,10 +59,17 @@ class Config:
             raise ValueError(f"min_numel must be an int >= 0, got {self.min_numel!r}")
         check_seed(self.seed)
 
-    @property
-    def uses_nonuniform(self) -> bool:
-        """Whether the non-uniform INT2 levels apply (``nonuniform=None`` means: when bits == 2)."""
-        return resolve_nonuniform(self.nonuniform, self.bits)
+    def nonuniform_for(self, normal_like: bool) -> bool:
+        """Whether the non-uniform INT2 levels apply to a tensor (see ``nonuniform``)."""
+        if self.nonuniform is None:
+            return self.bits == 2 and normal_like
+        return self.nonuniform
+
+    def block_size_for(self, t_shape) -> int:
+        """Elements per block for a tensor of this shape."""
+        if self.block_rows is None or len(t_shape) == 0:
+            return self.block_size
+        return max(1, self.block_rows * int(t_shape[-1]))
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (validated again)."""

@@ -189,7 +189,6 @@ class HookEngine:
         self.records: List[R.Record] = []
         self._seed = seed
         self._calls = 0
-        self._level = EF.int2_levels(config.block_size)[1] if config.uses_nonuniform else None
         # Keyed on (storage id, offset, shape, stride, dtype, version): tensors already counted, and
         # (plus the storage kind) weak references to packed copies that identical saves can share.
         self._counted = _StorageKeyed()
@@ -240,7 +239,8 @@ class HookEngine:
             r = max(1, math.ceil(d * self.config.rp_ratio))
             if r < d:
                 return self._shared_pack(t, name, R.PROJECTED, lambda: self._project(t, r), self._unproject)
-        return self._shared_pack(t, name, R.QUANTIZED, lambda: self._quantize(t), EF.dequantize)
+        normal_like = op in _NORM_OPS
+        return self._shared_pack(t, name, R.QUANTIZED, lambda: self._quantize(t, normal_like), EF.dequantize)
 
     def _is_dense_operand_of_constant_sparse_product(self, t: torch.Tensor) -> bool:
         """In A @ X with a sparse A that needs no gradient, X is saved only for A's gradient."""
@@ -259,8 +259,10 @@ class HookEngine:
         self._calls += 1
         return (self._seed + self._calls * _SEED_STEP) % (2**63 - 1)
 
-    def _quantize(self, t: torch.Tensor) -> EF.QuantizedTensor:
-        return EF.quantize(t, self.config.bits, self.config.block_size, self.config.uses_nonuniform, self._next_seed())
+    def _quantize(self, t: torch.Tensor, normal_like: bool) -> EF.QuantizedTensor:
+        block_size = self.config.block_size_for(t.shape)
+        nonuniform = self.config.nonuniform_for(normal_like)
+        return EF.quantize(t, self.config.bits, block_size, nonuniform, self._next_seed())
 
     def _projection(self, d: int, r: int, t: torch.Tensor) -> torch.Tensor:
         """Rademacher matrix (d x r) with entries +-1/sqrt(r), so E[P P^T] = I; one per session and shape."""
@@ -275,7 +277,7 @@ class HookEngine:
 
     def _project(self, t: torch.Tensor, r: int) -> Tuple[EF.QuantizedTensor, torch.Tensor, torch.Size]:
         p = self._projection(t.shape[-1], r, t)
-        return self._quantize(t.reshape(-1, t.shape[-1]) @ p), p, t.shape
+        return self._quantize(t.reshape(-1, t.shape[-1]) @ p, normal_like=True), p, t.shape
 
     @staticmethod
     def _unproject(payload) -> torch.Tensor:

@@ -348,8 +348,53 @@ def test_bad_arguments_raise_clear_errors():
         cfg.bits = 4  # frozen
 
 
+def test_block_rows_groups_whole_rows():
+    x = torch.randn(1000, 48, requires_grad=True)
+    with exactq.compress(bits=2, block_rows=1, min_numel=0) as per_row:
+        y = (x * 2).sin()
+    with exactq.compress(bits=2, block_rows=8, min_numel=0) as eight:
+        z = (x * 2).sin()
+    rows = per_row.report().by_kind[R.QUANTIZED].stored_bytes
+    blocks = eight.report().by_kind[R.QUANTIZED].stored_bytes
+    assert rows == 1000 * 48 // 4 + 1000 * 4  # one (min, range) pair per row
+    assert blocks == 1000 * 48 // 4 + 125 * 4
+    with pytest.raises(ValueError, match="block_rows must be None or an int >= 1"):
+        exactq.Config(block_rows=0)
+
+
 def test_config_is_immutable_and_composable():
     base = exactq.Config(bits=4, block_size=128)
     s = exactq.compress(base, bits=8)
     assert s.config.bits == 8 and s.config.block_size == 128 and base.bits == 4
-    assert exactq.Config(bits=2).uses_nonuniform and not exactq.Config(bits=4).uses_nonuniform
+    auto = exactq.Config(bits=2)
+    assert auto.nonuniform_for(normal_like=True) and not auto.nonuniform_for(normal_like=False)
+    assert not exactq.Config(bits=4).nonuniform_for(normal_like=True)
+    assert exactq.Config(bits=2, nonuniform=True).nonuniform_for(normal_like=False)
+    with pytest.raises(ValueError, match="nonuniform=True needs bits=2"):
+        exactq.Config(bits=4, nonuniform=True)
+
+
+def test_auto_levels_nonuniform_for_normalisation_inputs_only(graph, monkeypatch):
+    from exactq import engine
+
+    seen = []
+    real = engine.EF.quantize
+
+    def spy(t, bits, block_size, nonuniform, seed):
+        seen.append((engine._op_name(tracker_ref[0].current, t), nonuniform))
+        return real(t, bits, block_size, nonuniform, seed)
+
+    tracker_ref = []
+    real_init = engine.HookEngine.__init__
+
+    def init(self, config, tracker, seed):
+        tracker_ref.append(tracker)
+        real_init(self, config, tracker, seed)
+
+    monkeypatch.setattr(engine.EF, "quantize", spy)
+    monkeypatch.setattr(engine.HookEngine, "__init__", init)
+    model = _model("sage", "batch_norm", "relu", graph)
+    with exactq.compress(bits=2, min_numel=0):
+        model(graph.x, graph.edge_index)
+    assert ("batch_norm", True) in seen
+    assert ("linear", False) in seen and ("linear", True) not in seen
