@@ -16,7 +16,6 @@ freed on unpack; hooks disable autograd's de-duplication, so identical saves sha
 """
 from __future__ import annotations
 
-import logging
 import math
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -30,8 +29,8 @@ from torch.utils._pytree import tree_flatten
 from . import functional as EF
 from . import report as R
 from .config import Config
-
-log = logging.getLogger(__name__)
+from .memory import arg_storages as _arg_storages
+from .memory import storage_id as _storage_id
 
 # Ops whose backward needs only the sign of the saved tensor (ReLU's output, leaky ReLU's input).
 _SIGN_OPS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_,
@@ -44,6 +43,8 @@ _LINEAR_OP_NAMES = ("spmm_sum", "spmm_mean", "spmm")  # torch_sparse's sparse x 
 # Normalisations: backward uses the saved mean / inverse std nonlinearly (and they are small, one per
 # feature or node), so only the saved input is quantized; the statistics are kept exactly.
 _NORM_OPS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm}
+# Dropout on CPU saves a float noise tensor with values {0, 1 / (1 - p)} (CUDA saves a bool mask).
+_DROPOUT_OPS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
 _FLOATS = set(EF.FLOAT_DTYPES)
 _SEED_STEP = 0x9E3779B97F4A7C15
 
@@ -66,15 +67,30 @@ def _is_linear_op(func: Optional[Callable]) -> bool:
     return str(getattr(func, "__name__", "")).endswith(_LINEAR_OP_NAMES)
 
 
-def _storage_id(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
-
-
 def _held_bytes(t: torch.Tensor) -> int:
     """Memory a strided tensor really pins: its dense size, or less for expanded/overlapping views."""
     if t.layout != torch.strided:
         return 0
     return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+
+class _StorageKeyed:
+    """A dict whose entries are valid only while the storage they were made for is alive (an address
+    can be reused by a new storage once the old one is freed). Expired entries are pruned as it grows."""
+
+    def __init__(self) -> None:
+        self._d: Dict[tuple, Tuple[StorageWeakRef, Any]] = {}
+        self._prune_at = 1024
+
+    def get(self, key: tuple) -> Any:
+        hit = self._d.get(key)
+        return hit[1] if hit is not None and not hit[0].expired() else None
+
+    def put(self, key: tuple, t: torch.Tensor, value: Any) -> None:
+        self._d[key] = (StorageWeakRef(t.untyped_storage()), value)
+        if len(self._d) >= self._prune_at:
+            self._d = {k: v for k, v in self._d.items() if not v[0].expired()}
+            self._prune_at = max(1024, 2 * len(self._d))
 
 
 class OpTracker(TorchFunctionMode):
@@ -113,11 +129,6 @@ class OpTracker(TorchFunctionMode):
 
     def produced(self, t: torch.Tensor) -> bool:
         return bool(self._produced.get((_storage_id(t),)))
-
-
-def _arg_storages(args, kwargs) -> set:
-    return {_storage_id(a) for a in tree_flatten((args, kwargs))[0]
-            if isinstance(a, torch.Tensor) and a.layout == torch.strided}
 
 
 class _Packed:
@@ -161,25 +172,6 @@ class _Kept(_Packed):
         return self.tensor
 
 
-class _StorageKeyed:
-    """A dict whose entries are valid only while the storage they were made for is alive (an address
-    can be reused by a new storage once the old one is freed). Expired entries are pruned as it grows."""
-
-    def __init__(self) -> None:
-        self._d: Dict[tuple, Tuple[StorageWeakRef, Any]] = {}
-        self._prune_at = 1024
-
-    def get(self, key: tuple) -> Any:
-        hit = self._d.get(key)
-        return hit[1] if hit is not None and not hit[0].expired() else None
-
-    def put(self, key: tuple, t: torch.Tensor, value: Any) -> None:
-        self._d[key] = (StorageWeakRef(t.untyped_storage()), value)
-        if len(self._d) >= self._prune_at:
-            self._d = {k: v for k, v in self._d.items() if not v[0].expired()}
-            self._prune_at = max(1024, 2 * len(self._d))
-
-
 class HookEngine:
     """Packs and unpacks saved tensors for one compression session (see module docstring)."""
 
@@ -210,7 +202,8 @@ class HookEngine:
     def pack(self, t: torch.Tensor) -> _Packed:
         """Policy, in order: external -> referenced; dense operand of a product with a constant sparse
         matrix -> nothing stored; non-strided, non-float/bool, fewer than
-        ``min_numel`` elements or overlapping memory -> kept as is; bool -> 1-bit mask; statistics
+        ``min_numel`` elements or overlapping memory -> kept as is; bool, or dropout's two-valued float
+        noise -> 1-bit mask; statistics
         saved by a normalisation -> kept as is; saved by a ReLU-like op -> 1-bit sign; saved by a linear op with ``rp_ratio`` set -> projected and
         quantized; any other float -> block-wise quantized."""
         op = self.tracker.current
@@ -230,6 +223,8 @@ class HookEngine:
             return self._keep(t, name, R.UNCOMPRESSED)
         if op in _NORM_OPS and not self._is_first_argument_sized(t):
             return self._keep(t, name, R.UNCOMPRESSED)
+        if op in _DROPOUT_OPS and t.grad_fn is None:
+            return self._shared_pack(t, name, R.MASK, lambda: _pack_two_valued(t), _unpack_two_valued)
         if op in _SIGN_OPS:
             dtype = t.dtype
             return self._shared_pack(t, name, R.SIGN, lambda: EF.pack_mask(t > 0),
@@ -335,8 +330,18 @@ class HookEngine:
         return R.MemoryReport.from_records(self.records)
 
 
+def _pack_two_valued(t: torch.Tensor) -> Tuple[EF.PackedMask, torch.Tensor]:
+    """A tensor whose values are 0 or one value v (dropout noise): 1-bit mask + v, exact."""
+    return EF.pack_mask(t != 0), t.detach().amax()
+
+
+def _unpack_two_valued(payload) -> torch.Tensor:
+    mask, value = payload
+    return EF.unpack_mask(mask).to(value.dtype) * value
+
+
 def _payload_bytes(payload: Any) -> int:
     if isinstance(payload, (EF.QuantizedTensor, EF.PackedMask)):
         return payload.nbytes
-    q = payload[0]  # projected: (QuantizedTensor, shared projection matrix, shape)
-    return q.nbytes
+    # projected: (QuantizedTensor, shared projection matrix, shape); two-valued: (PackedMask, value)
+    return payload[0].nbytes + (payload[1].nbytes if isinstance(payload[0], EF.PackedMask) else 0)

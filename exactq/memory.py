@@ -13,6 +13,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+def storage_id(t: torch.Tensor) -> int:
+    """Identity of a tensor's storage (its StorageImpl address): equal for views of one storage."""
+    return t.untyped_storage()._cdata
+
+
+def arg_storages(args, kwargs) -> set:
+    """Storage ids of the strided tensors among an op's arguments."""
+    return {storage_id(a) for a in tree_flatten((args, kwargs))[0]
+            if isinstance(a, torch.Tensor) and a.layout == torch.strided}
+
+
 class LiveTensorMemory(TorchDispatchMode):
     """Counts the bytes of tensor storages created inside the ``with`` block that are still alive.
 
@@ -32,8 +43,7 @@ class LiveTensorMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         # A view or in-place result shares an argument's storage: that memory existed already.
-        existing = {a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0]
-                    if isinstance(a, torch.Tensor) and a.layout == torch.strided}
+        existing = arg_storages(args, kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 s = t.untyped_storage()

@@ -11,7 +11,6 @@ storage per element. Writes experiments/results/block_size.{md,csv,png}.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import exactq

@@ -1,0 +1,95 @@
+"""Test accuracy with compressed activations vs fp32 (mean +- std over seeds).
+
+    python experiments/accuracy.py [--quick] [--seeds 5]
+
+Real graphs: Cora and CiteSeer (../shared/datasets), GCN and GraphSAGE 2 x 64, dropout 0.5, 200 epochs.
+Synthetic: a learnable arxiv-scale CSBM graph (169,343 nodes, 128 features, 2.3 M edges, 40 classes),
+GraphSAGE 3 x 128 with batch norm. Variants: fp32; EXACT-style per-row INT2 (uniform levels); block-wise
+INT2 (256 elements) with uniform, non-uniform everywhere, and auto levels; each INT2 variant with and
+without random projection (D/R = 8). Writes experiments/results/accuracy{,_quick}.{md,csv,png}.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+from tqdm import tqdm
+
+import exactq
+from exactq.data import load_planetoid, with_sparse_adjacency
+from exactq.train import build_model, train
+
+from common import Timer, command_line, paper_graph, parser, write_results
+
+
+def variants(with_rp: bool):
+    out = {"fp32": None}
+    for rp in ((None, 0.125) if with_rp else (None,)):
+        tag = "" if rp is None else ", D/R=8"
+        out[f"per-row INT2 uniform{tag}"] = exactq.Config(bits=2, block_rows=1, nonuniform=False, rp_ratio=rp)
+        out[f"block INT2 uniform{tag}"] = exactq.Config(bits=2, nonuniform=False, rp_ratio=rp)
+        out[f"block INT2 non-uniform{tag}"] = exactq.Config(bits=2, nonuniform=True, rp_ratio=rp)
+        out[f"block INT2 auto{tag}"] = exactq.Config(bits=2, rp_ratio=rp)
+    return out
+
+
+def main(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--arxiv-epochs", type=int, default=30)
+    args = p.parse_args(argv)
+    seeds = range(2 if args.quick else args.seeds)
+    jobs = []
+    for name in ("Cora",) if args.quick else ("Cora", "CiteSeer"):
+        data = with_sparse_adjacency(load_planetoid(name))
+        for model in ("gcn",) if args.quick else ("gcn", "sage"):
+            jobs.append((name, data, model, 2, 64, None, 30 if args.quick else 200, variants(not args.quick)))
+    arxiv = paper_graph("ogbn-arxiv", scale=0.02 if args.quick else 1.0, signal=0.2)
+    # At arxiv scale an epoch takes seconds on 2 cores: the headline variants only.
+    keep = ("fp32", "per-row INT2 uniform", "block INT2 uniform", "block INT2 auto", "block INT2 auto, D/R=8")
+    arxiv_variants = {k: v for k, v in variants(True).items() if k in keep}
+    jobs.append(("arxiv-shaped CSBM", arxiv, "sage", 3, 128, "batch_norm", 5 if args.quick else args.arxiv_epochs,
+                 arxiv_variants))
+    rows = []
+    with Timer() as timer:
+        for name, data, model, layers, hidden, norm, epochs, vs in jobs:
+            classes = int(data.y.max()) + 1
+            fp32_mean = None
+            for label, cfg in tqdm(vs.items(), desc=f"{name} {model}", leave=False):
+                accs = []
+                for seed in seeds:
+                    torch.manual_seed(seed)
+                    net = build_model(model, data.num_features, hidden, classes, layers, norm=norm)
+                    accs.append(100 * train(net, data, cfg, epochs=epochs, measure_memory=False).test_at_best_val)
+                mean, std = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
+                fp32_mean = mean if cfg is None else fp32_mean
+                rows.append({"graph": name, "model": f"{model} {layers}x{hidden}", "variant": label,
+                             "test_acc_mean": mean, "test_acc_std": std, "delta_vs_fp32": mean - fp32_mean,
+                             "seeds": len(accs), "epochs": epochs})
+    stem = "accuracy" + ("_quick" if args.quick else "")
+    note = "Test accuracy (%) at the epoch of best validation accuracy; mean and std over seeds."
+    path = write_results(args.out, stem, rows, note, command_line(), timer.seconds)
+    print(path.read_text())
+    plot(rows, f"{args.out}/{stem}.png")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["graph"], r["model"]) for r in rows))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4.5), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        rs = [r for r in rows if (r["graph"], r["model"]) == g]
+        ax.errorbar(range(len(rs)), [r["test_acc_mean"] for r in rs], yerr=[r["test_acc_std"] for r in rs], fmt="o")
+        ax.axhline(rs[0]["test_acc_mean"], color="grey", ls=":")
+        ax.set_xticks(range(len(rs)), [r["variant"] for r in rs], rotation=80, fontsize=7)
+        ax.set(title=f"{g[0]}, {g[1]}", ylabel="test accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

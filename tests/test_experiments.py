@@ -1,0 +1,72 @@
+"""Each experiment's --quick run works end to end and shows its headline property at small scale."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+
+def _run(script, tmp_path, *extra):
+    proc = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, script), "--quick", "--out", str(tmp_path), *extra],
+                          capture_output=True, text=True, cwd=EXPERIMENTS, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_memory_table_quick(tmp_path):
+    out = _run("memory_table.py", tmp_path)
+    rows = {r["config"]: r for r in _rows(tmp_path / "memory_table_quick.csv")}
+    assert (tmp_path / "memory_table_quick.md").exists() and (tmp_path / "memory_table_quick.png").exists()
+    mb = {k: float(r["MB"]) for k, r in rows.items()}
+    # Blocks of rows store less than per-row groups, most of all after projection (few columns per row).
+    assert mb["rows=8 D/R=8 auto"] < 0.9 * mb["rows=1 D/R=8 auto"]
+    assert mb["rows=8 D/R=1 auto"] < mb["rows=1 D/R=1 auto"]
+    assert mb["fp32"] / mb["256 elems D/R=1 auto"] >= 12
+    # The measured bytes agree with exactq's own report (projection matrices aside).
+    for r in rows.values():
+        assert float(r["report_MB"]) == pytest.approx(float(r["MB"]), rel=0.03)
+    assert "less than fp32" in out
+
+
+def test_block_size_quick(tmp_path):
+    _run("block_size.py", tmp_path)
+    rows = _rows(tmp_path / "block_size_quick.csv")
+    for r in rows:
+        measured = float(r["measured_reduction_%"])
+        if r["activations"].startswith(("batch_norm", "linear input, projected")) and int(r["block_size"]) >= 128:
+            assert measured > 5, r  # normal-like activations: the ICASSP levels help
+        if r["activations"].startswith("linear input (") and int(r["block_size"]) >= 128:
+            assert measured < 0, r  # post-ReLU/dropout: they do not, hence exactq's auto policy
+
+
+def test_accuracy_quick(tmp_path):
+    _run("accuracy.py", tmp_path)
+    rows = _rows(tmp_path / "accuracy_quick.csv")
+    assert {r["graph"] for r in rows} == {"Cora", "arxiv-shaped CSBM"}
+    for r in rows:
+        assert 0 < float(r["test_acc_mean"]) <= 100
+
+
+def test_bench_overhead_quick(tmp_path):
+    out = _run("bench_overhead.py", tmp_path, "--epochs", "2", "--warmup", "1")
+    rows = _rows(tmp_path / "bench_overhead_quick.csv")
+    assert {r["config"] for r in rows} == {"fp32", "INT2", "INT2 D/R=8"}
+    assert all(float(r["ratio_vs_fp32"]) > 0 for r in rows)
+    assert "x fp32" in out
+
+
+def test_scale_products_quick(tmp_path):
+    _run("scale_products.py", tmp_path, "--epochs", "2")
+    rows = {r["mode"]: r for r in _rows(tmp_path / "scale_products_quick.csv")}
+    assert rows["exactq"]["status"] == "trained" and rows["fp32"]["status"] == "trained"
+    predicted_fp32 = float(rows["exactq"]["predicted_fp32_activation_GB"])
+    stored = float(rows["exactq"]["stored_activation_GB"])
+    assert predicted_fp32 / stored > 10
