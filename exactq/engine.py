@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from . import functional as EF
 from . import report as R
 from .config import Config
 from .memory import arg_storages as _arg_storages
+from .memory import arg_tensors as _arg_tensors
 from .memory import storage_id as _storage_id
 
 # Ops whose backward needs only the sign of the saved tensor (ReLU's output, leaky ReLU's input).
@@ -240,7 +240,7 @@ class HookEngine:
     def _is_dense_operand_of_constant_sparse_product(self, t: torch.Tensor) -> bool:
         """In A @ X with a sparse A that needs no gradient, X is saved only for A's gradient."""
         args, kwargs = self.tracker.current_args
-        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        tensors = list(_arg_tensors(args, kwargs))
         sparse = [a for a in tensors if a.layout != torch.strided]
         return (bool(sparse) and not any(a.requires_grad for a in sparse)
                 and _storage_id(t) in {_storage_id(a) for a in tensors if a.layout == torch.strided})

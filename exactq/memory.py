@@ -18,10 +18,19 @@ def storage_id(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def arg_tensors(args, kwargs):
+    """The tensors among an op's arguments, directly or in a list/tuple (what op signatures allow;
+    a shallow scan, much cheaper than a pytree flatten on this hot path)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (b for b in a if isinstance(b, torch.Tensor))
+
+
 def arg_storages(args, kwargs) -> set:
     """Storage ids of the strided tensors among an op's arguments."""
-    return {storage_id(a) for a in tree_flatten((args, kwargs))[0]
-            if isinstance(a, torch.Tensor) and a.layout == torch.strided}
+    return {storage_id(a) for a in arg_tensors(args, kwargs) if a.layout == torch.strided}
 
 
 class LiveTensorMemory(TorchDispatchMode):
@@ -41,7 +50,8 @@ class LiveTensorMemory(TorchDispatchMode):
         self._storages: Dict[int, tuple[StorageWeakRef, int]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         # A view or in-place result shares an argument's storage: that memory existed already.
         existing = arg_storages(args, kwargs)
         for t in tree_flatten(out)[0]:
