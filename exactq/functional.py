@@ -174,15 +174,6 @@ def unpack_mask(packed: PackedMask) -> torch.Tensor:
     return _ops.unpack_mask(packed.packed, n).view(packed.shape)
 
 
-def level_gaps(q: QuantizedTensor) -> torch.Tensor:
-    """Per-element width of the widest grid interval of its block, in units of the data: an upper
-    bound on |dequantize(q) - x| (used by tests and diagnostics)."""
-    top = 2**q.bits - 1
-    widest = max(q.level, 1.0 - 2.0 * q.level) if q.level is not None else 1.0 / top
-    rng = q.stats[:, 1].float().repeat_interleave(q.block_size)[: q.numel]
-    return (rng * widest).view(q.shape)
-
-
 __all__: Sequence[str] = (
     "QuantizedTensor",
     "PackedMask",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import exactq
 from exactq.train import build_model
 
-from common import Timer, command_line, paper_graph, parser, write_results
+from common import apply_threads, Timer, command_line, paper_graph, parser, write_results
 
 CONFIGS = {"fp32": None, "INT2": exactq.Config(bits=2), "INT2 D/R=8": exactq.Config(bits=2, rp_ratio=0.125)}
 
@@ -43,6 +43,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", action="store_true")
     args = p.parse_args(argv)
+    apply_threads(args)
     data = paper_graph("ogbn-arxiv", scale=0.05 if args.quick else 1.0, signal=0.2)
     cases = [("sage", 128), ("gcn", 128)] if args.quick else [("sage", 128), ("gcn", 128), ("sage", 256), ("gcn", 256)]
     rows = []

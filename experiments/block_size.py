@@ -18,7 +18,7 @@ from exactq.engine import OpTracker, _op_name
 from exactq.levels import predicted_variance_reduction
 from exactq.train import build_model, train
 
-from common import Timer, command_line, paper_graph, parser, write_results
+from common import apply_threads, Timer, command_line, paper_graph, parser, write_results
 
 
 def capture_activations(model, data, rp_ratio=0.125):
@@ -50,6 +50,7 @@ def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--epochs", type=int, default=20)
     args = p.parse_args(argv)
+    apply_threads(args)
     scale = 0.05 if args.quick else 1.0
     sizes = [64, 128, 256, 1024] if args.quick else [16, 64, 128, 256, 512, 1024, 4096]
     with Timer() as timer:

@@ -20,7 +20,13 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized run (small graphs, few configs)")
     p.add_argument("--out", default=str(RESULTS), help="directory for the .md/.csv/.png results")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return p
+
+
+def apply_threads(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def paper_graph(name: str, scale: float = 1.0, seed: int = 0, signal: float = 0.0):
@@ -39,8 +45,8 @@ def write_results(out: str, stem: str, rows: List[Dict], header_note: str, comma
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    lines = [f"# {stem}", "", header_note, "", f"Command: `{command}` (ran {seconds:.0f} s on "
-             f"{os.cpu_count()} CPU cores, torch {torch.__version__}).", "",
+    lines = [f"# {stem}", "", header_note, "", f"Command: `{command}` (ran {seconds:.0f} s with "
+             f"{torch.get_num_threads()} torch thread(s) on {os.cpu_count()} CPU cores, torch {torch.__version__}).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
     (outdir / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -62,5 +68,8 @@ class Timer:
         self.t0 = time.perf_counter()
         return self
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
     def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
+        self.seconds = self.elapsed()

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import exactq
 from exactq.train import build_model
 
-from common import Timer, command_line, paper_graph, parser, write_results
+from common import apply_threads, Timer, command_line, paper_graph, parser, write_results
 
 # (dataset, model, layers, hidden) as the EXACT / ICASSP papers configured them.
 FULL = [
@@ -116,28 +116,34 @@ def run_model(dataset, model_name, layers, hidden, scale, reduced, repeats, skip
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--datasets", nargs="*", default=None, help="subset of the datasets to run")
+    p.add_argument("--models", nargs="*", default=None, help="subset of the models to run (sage, gcn, gcnii)")
     p.add_argument("--repeats", type=int, default=2, help="timed steps per config (median)")
     args = p.parse_args(argv)
+    apply_threads(args)
     if args.quick:
         plan = [("ogbn-arxiv", "sage", 3, 128, 0.02, True)]
     else:
         plan = [(d, m, l, h, 1.0, not (d == "ogbn-arxiv" and m != "gcnii")) for d, m, l, h in FULL]
     if args.datasets:
         plan = [x for x in plan if x[0] in args.datasets]
+    if args.models:
+        plan = [x for x in plan if x[1] in args.models]
+    stem = "memory_table" + ("_quick" if args.quick else "") + ("_" + "_".join(args.datasets) if args.datasets else "")
     rows = []
     with Timer() as timer:
         for dataset, model, layers, hidden, scale, reduced in plan:
             big = dataset == "ogbn-products" or model == "gcnii"  # fp32 step does not fit in 24 GiB
             rows += run_model(dataset, model, layers, hidden, scale, reduced, args.repeats, big and not args.quick)
-    stem = "memory_table" + ("_quick" if args.quick else "") + ("_" + "_".join(args.datasets) if args.datasets else "")
-    note = ("Activation memory of one training step (MB = live tensor bytes after forward minus the output, "
-            "measured; report_MB = exactq's own report). Synthetic graphs with the papers' shapes; "
-            "rows=k: blocks of k whole rows (rows=1 is EXACT's per-node grouping); D/R: random projection; "
-            "auto: non-uniform levels for normalisation inputs and projected tensors.")
-    path = write_results(args.out, stem, rows, note, command_line(), timer.seconds)
+            path = write_results(args.out, stem, rows, NOTE, command_line(), timer.elapsed())  # after each model
     print(path.read_text())
     headline(rows)
     plot(rows, f"{args.out}/{stem}.png")
+
+
+NOTE = ("Activation memory of one training step (MB = live tensor bytes after forward minus the output, "
+        "measured; report_MB = exactq's own report). Synthetic graphs with the papers' shapes; "
+        "rows=k: blocks of k whole rows (rows=1 is EXACT's per-node grouping); D/R: random projection; "
+        "auto: non-uniform levels for normalisation inputs and projected tensors.")
 
 
 def headline(rows):

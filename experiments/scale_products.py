@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import Timer, command_line, paper_graph, parser, write_results
+from common import apply_threads, Timer, command_line, paper_graph, parser, write_results
 
 
 def worker(mode: str, scale: float, epochs: int) -> dict:
@@ -70,6 +70,7 @@ def main(argv=None):
     p.add_argument("--worker", choices=["fp32", "exactq"], help=argparse_suppress())
     p.add_argument("--scale", type=float, default=None, help=argparse_suppress())
     args = p.parse_args(argv)
+    apply_threads(args)
     scale = args.scale if args.scale is not None else (0.01 if args.quick else 1.0)
     if args.worker:
         limit = int(args.limit_gb * 2**30)
@@ -80,7 +81,7 @@ def main(argv=None):
     with Timer() as timer:
         for mode in ("exactq", "fp32"):
             cmd = [sys.executable, __file__, "--worker", mode, "--scale", str(scale), "--epochs", str(args.epochs),
-                   "--limit-gb", str(args.limit_gb)]
+                   "--limit-gb", str(args.limit_gb)] + (["--threads", str(args.threads)] if args.threads else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:

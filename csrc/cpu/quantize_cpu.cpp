@@ -13,6 +13,7 @@
 #include <array>
 #include <limits>
 
+#include "../checks.h"
 #include "../common.h"
 
 namespace exactq {
@@ -124,13 +125,6 @@ void for_each_span(int64_t begin, int64_t end, const F& f) {
   }
 }
 
-void check_args(int64_t bits, int64_t block_size, bool nonuniform) {
-  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8,
-              "exactq: bits must be one of 1, 2, 4, 8, got ", bits);
-  TORCH_CHECK(block_size >= 1, "exactq: block_size must be >= 1, got ", block_size);
-  TORCH_CHECK(!nonuniform || bits == 2, "exactq: non-uniform levels need bits == 2, got ", bits);
-}
-
 template <typename T>
 void quantize_impl(const at::Tensor& x, const Grid& g, int64_t block_size, int64_t seed,
                    uint8_t* packed, uint16_t* stats) {
@@ -162,8 +156,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input, int64_t
                                                  int64_t block_size, std::optional<double> level,
                                                  int64_t seed) {
   check_args(bits, block_size, level.has_value());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "exactq: quantize needs a floating-point tensor, got ", input.scalar_type());
+  check_quantize_input(input);
   const at::Tensor x = input.contiguous();
   const int64_t numel = x.numel();
   const int64_t nblocks = (numel + block_size - 1) / block_size;
@@ -203,15 +196,7 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& stats, int
                           at::ScalarType dtype) {
   check_args(bits, block_size, level.has_value());
   const int64_t numel = numel_s.expect_int();
-  const int64_t nblocks = (numel + block_size - 1) / block_size;
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() == (numel * bits + 7) / 8,
-              "exactq: packed must be a contiguous uint8 tensor of ", (numel * bits + 7) / 8,
-              " bytes for ", numel, " elements at ", bits, " bits");
-  TORCH_CHECK(stats.scalar_type() == at::kBFloat16 && stats.is_contiguous() &&
-                  stats.dim() == 2 && stats.size(0) == nblocks && stats.size(1) == 2,
-              "exactq: stats must be a contiguous bfloat16 tensor of shape [", nblocks, ", 2]");
-  TORCH_CHECK(at::isFloatingType(dtype), "exactq: dtype must be a floating-point type, got ", dtype);
+  check_dequantize_inputs(packed, stats, bits, block_size, numel, dtype);
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
   Grid g;
   make_grid(&g, static_cast<int>(bits), level.has_value(), level.value_or(0.0));
@@ -248,8 +233,7 @@ __attribute__((target_clones("avx2", "default"))) void pack_mask_range(const boo
 }
 
 at::Tensor pack_mask_cpu(const at::Tensor& mask) {
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "exactq: pack_mask needs a bool tensor, got ",
-              mask.scalar_type());
+  check_pack_mask_input(mask);
   const at::Tensor m = mask.contiguous();
   const int64_t numel = m.numel();
   const int64_t nbytes = (numel + 7) / 8;
@@ -264,10 +248,7 @@ at::Tensor pack_mask_cpu(const at::Tensor& mask) {
 
 at::Tensor unpack_mask_cpu(const at::Tensor& packed, c10::SymInt numel_s) {
   const int64_t numel = numel_s.expect_int();
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() == (numel + 7) / 8,
-              "exactq: packed must be a contiguous uint8 tensor of ", (numel + 7) / 8, " bytes for ",
-              numel, " mask elements");
+  check_unpack_mask_inputs(packed, numel);
   at::Tensor out = at::empty({numel}, packed.options().dtype(at::kBool));
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
   bool* op = out.data_ptr<bool>();

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 
+#include "../checks.h"
 #include "../common.h"
 
 namespace exactq {
@@ -161,19 +162,11 @@ __global__ void unpack_mask_kernel(const uint8_t* __restrict__ packed, int64_t n
 
 int grid_for(int64_t work) { return static_cast<int>(std::max<int64_t>(1, std::min(work, kMaxGrid))); }
 
-void check_args(int64_t bits, int64_t block_size, bool nonuniform) {
-  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8,
-              "exactq: bits must be one of 1, 2, 4, 8, got ", bits);
-  TORCH_CHECK(block_size >= 1, "exactq: block_size must be >= 1, got ", block_size);
-  TORCH_CHECK(!nonuniform || bits == 2, "exactq: non-uniform levels need bits == 2, got ", bits);
-}
-
 std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& input, int64_t bits,
                                                   int64_t block_size, std::optional<double> level,
                                                   int64_t seed) {
   check_args(bits, block_size, level.has_value());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "exactq: quantize needs a floating-point tensor, got ", input.scalar_type());
+  check_quantize_input(input);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   const int64_t numel = x.numel();
@@ -209,16 +202,7 @@ at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& stats, in
                            at::ScalarType dtype) {
   check_args(bits, block_size, level.has_value());
   const int64_t numel = numel_s.expect_int();
-  const int64_t nblocks = (numel + block_size - 1) / block_size;
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() == (numel * bits + 7) / 8,
-              "exactq: packed must be a contiguous uint8 tensor of ", (numel * bits + 7) / 8,
-              " bytes for ", numel, " elements at ", bits, " bits");
-  TORCH_CHECK(stats.scalar_type() == at::kBFloat16 && stats.is_contiguous() && stats.dim() == 2 &&
-                  stats.size(0) == nblocks && stats.size(1) == 2,
-              "exactq: stats must be a contiguous bfloat16 tensor of shape [", nblocks, ", 2]");
-  TORCH_CHECK(stats.device() == packed.device(), "exactq: stats and packed must be on one device");
-  TORCH_CHECK(at::isFloatingType(dtype), "exactq: dtype must be a floating-point type, got ", dtype);
+  check_dequantize_inputs(packed, stats, bits, block_size, numel, dtype);
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
   if (numel == 0) return out;
@@ -236,8 +220,7 @@ at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& stats, in
 }
 
 at::Tensor pack_mask_cuda(const at::Tensor& mask) {
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "exactq: pack_mask needs a bool tensor, got ",
-              mask.scalar_type());
+  check_pack_mask_input(mask);
   const c10::cuda::CUDAGuard guard(mask.device());
   const at::Tensor m = mask.contiguous();
   const int64_t numel = m.numel();
@@ -253,10 +236,7 @@ at::Tensor pack_mask_cuda(const at::Tensor& mask) {
 
 at::Tensor unpack_mask_cuda(const at::Tensor& packed, c10::SymInt numel_s) {
   const int64_t numel = numel_s.expect_int();
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() == (numel + 7) / 8,
-              "exactq: packed must be a contiguous uint8 tensor of ", (numel + 7) / 8, " bytes for ",
-              numel, " mask elements");
+  check_unpack_mask_inputs(packed, numel);
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({numel}, packed.options().dtype(at::kBool));
   if (numel == 0) return out;
