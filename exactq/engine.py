@@ -110,20 +110,19 @@ class OpTracker(TorchFunctionMode):
             out = func(*args, **kwargs)
         finally:
             self.current, self.current_args = outer
-        if isinstance(out, torch.Tensor):
-            self._note_output(out, args, kwargs)
-        elif isinstance(out, (tuple, list)):
-            for o in out:
-                if isinstance(o, torch.Tensor):
-                    self._note_output(o, args, kwargs)
+        outs = (out,) if isinstance(out, torch.Tensor) else out if isinstance(out, (tuple, list)) else ()
+        # Outputs with autograd history are activations anyway; only history-less ones need noting.
+        fresh = [o for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is None and o.layout == torch.strided
+                 and (o.dtype in _FLOATS or o.dtype == torch.bool)]
+        if fresh:
+            existing = _arg_storages(args, kwargs)  # computed once per op, only when needed
+            for o in fresh:
+                self._note_output(o, existing)
         return out
 
-    def _note_output(self, out: torch.Tensor, args, kwargs) -> None:
-        # Outputs with autograd history are activations anyway; only history-less ones need noting.
-        if out.grad_fn is not None or out.layout != torch.strided or (out.dtype not in _FLOATS and out.dtype != torch.bool):
-            return
+    def _note_output(self, out: torch.Tensor, existing: set) -> None:
         sid = _storage_id(out)
-        if sid in _arg_storages(args, kwargs):
+        if sid in existing:
             return  # a view or in-place result of an argument: not new memory
         self._produced.put((sid,), out, True)
 
@@ -167,8 +166,7 @@ class _Kept(_Packed):
         self.tensor = t
 
     def restore(self) -> torch.Tensor:
-        if self.tensor._version != self.version:
-            super().check_version()
+        self.check_version()
         return self.tensor
 
 

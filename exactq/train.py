@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -18,8 +17,6 @@ from .api import compress
 from .config import Config
 from .memory import LiveTensorMemory
 from .report import MemoryReport
-
-log = logging.getLogger(__name__)
 
 
 class GCNII(torch.nn.Module):
