@@ -29,10 +29,11 @@ def apply_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def paper_graph(name: str, scale: float = 1.0, seed: int = 0, signal: float = 0.0):
-    """A synthetic graph with the shape of one of the papers' datasets (nodes and edges x scale)."""
+def paper_graph(name: str, scale: float = 1.0, seed: int = 0, signal: float = 0.0, edge_scale: float = 1.0):
+    """A synthetic graph with the shape of one of the papers' datasets (nodes and edges x scale; edges
+    additionally x edge_scale)."""
     n, f, e, c = PAPER_GRAPHS[name]
-    data = synthetic_graph(max(100, int(n * scale)), f, int(e * scale), c, signal=signal, seed=seed)
+    data = synthetic_graph(max(100, int(n * scale)), f, int(e * scale * edge_scale), c, signal=signal, seed=seed)
     return with_sparse_adjacency(data)
 
 

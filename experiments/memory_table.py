@@ -1,6 +1,7 @@
 """Activation memory of one training step: fp32 vs EXACT-style per-row INT2 vs block-wise INT2.
 
-    python experiments/memory_table.py [--quick] [--datasets ogbn-arxiv flickr ...]
+    python experiments/memory_table.py [--quick] [--datasets ogbn-arxiv flickr ...] [--models sage gcn]
+                                       [--edge-scale 1.0]
 
 For each dataset (a synthetic graph with the paper dataset's shape, sparse-adjacency aggregation)
 and model, measures one full-batch training step for: fp32; INT2 with 1 (EXACT's per-node grouping),
@@ -8,14 +9,19 @@ and model, measures one full-batch training step for: fp32; INT2 with 1 (EXACT's
 projection (D/R = 2, 4, 8); uniform and auto non-uniform levels. Memory is measured, not predicted:
 live tensor bytes after the forward minus the output (exactq.LiveTensorMemory), checked against the
 session's report. Step time is the median of timed steps in the same run, as a ratio to fp32.
-Writes experiments/results/memory_table{,_quick}.{md,csv,png}.
+--edge-scale thins the edges only: GCN/GraphSAGE activations are node x feature tensors, so their
+bytes do not depend on the edge count, while the sparse products' time does.
+Writes experiments/results/memory_table[_quick][_DATASETS][_MODELS].{md,csv,png}, and
+memory_table.png: a figure of every full-run table in the results directory.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import gc
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +77,9 @@ def step(model, data, config, tracker=False):
     return act, report, seconds
 
 
-def run_model(dataset, model_name, layers, hidden, scale, reduced, repeats, skip_fp32_measure):
-    data = paper_graph(dataset, scale=scale)
+def run_model(dataset, model_name, layers, hidden, scale, reduced, repeats, skip_fp32_measure, edge_scale):
+    data = paper_graph(dataset, scale=scale, edge_scale=edge_scale)
+    edges = data.adj_t._nnz()
     classes = int(data.y.max()) + 1
     torch.manual_seed(0)
     model = build_model(model_name, data.num_features, hidden, classes, layers)
@@ -89,8 +96,8 @@ def run_model(dataset, model_name, layers, hidden, scale, reduced, repeats, skip
         if fp32_bytes is None and report is not None:
             fp32_bytes = report.original_bytes
         rows.append({
-            "dataset": dataset, "model": f"{model_name} {layers}x{hidden}", "config": label,
-            "MB": act / 2**20,
+            "dataset": dataset, "nodes": data.num_nodes, "edges": edges, "model": f"{model_name} {layers}x{hidden}",
+            "config": label, "MB": act / 2**20,
             "report_MB": (report.stored_bytes / 2**20) if report else act / 2**20,
             "x_smaller_than_fp32": fp32_bytes / act,
             "step_time_s": t,
@@ -104,7 +111,8 @@ def run_model(dataset, model_name, layers, hidden, scale, reduced, repeats, skip
         r["reduction_vs_per_row_%"] = (100 * (1 - r["MB"] / per_row[variant(r["config"])])
                                        if "D/R=" in r["config"] else float("nan"))
     if skip_fp32_measure:
-        rows.insert(0, {"dataset": dataset, "model": f"{model_name} {layers}x{hidden}",
+        rows.insert(0, {"dataset": dataset, "nodes": data.num_nodes, "edges": edges,
+                        "model": f"{model_name} {layers}x{hidden}",
                         "config": "fp32 (from report; does not fit)", "MB": fp32_bytes / 2**20,
                         "report_MB": fp32_bytes / 2**20, "x_smaller_than_fp32": 1.0, "step_time_s": float("nan"),
                         "time_vs_fp32": float("nan"), "reduction_vs_per_row_%": float("nan")})
@@ -118,6 +126,7 @@ def main(argv=None):
     p.add_argument("--datasets", nargs="*", default=None, help="subset of the datasets to run")
     p.add_argument("--models", nargs="*", default=None, help="subset of the models to run (sage, gcn, gcnii)")
     p.add_argument("--repeats", type=int, default=2, help="timed steps per config (median)")
+    p.add_argument("--edge-scale", type=float, default=1.0, help="keep this fraction of the edges (see above)")
     args = p.parse_args(argv)
     apply_threads(args)
     if args.quick:
@@ -128,16 +137,29 @@ def main(argv=None):
         plan = [x for x in plan if x[0] in args.datasets]
     if args.models:
         plan = [x for x in plan if x[1] in args.models]
-    stem = "memory_table" + ("_quick" if args.quick else "") + ("_" + "_".join(args.datasets) if args.datasets else "")
+    stem = "_".join(["memory_table"] + (["quick"] if args.quick else []) + (args.datasets or []) + (args.models or []))
     rows = []
     with Timer() as timer:
         for dataset, model, layers, hidden, scale, reduced in plan:
             big = dataset == "ogbn-products" or model == "gcnii"  # fp32 step does not fit in 24 GiB
-            rows += run_model(dataset, model, layers, hidden, scale, reduced, args.repeats, big and not args.quick)
+            rows += run_model(dataset, model, layers, hidden, scale, reduced, args.repeats, big and not args.quick,
+                              args.edge_scale)
             path = write_results(args.out, stem, rows, NOTE, command_line(), timer.elapsed())  # after each model
     print(path.read_text())
     headline(rows)
     plot(rows, f"{args.out}/{stem}.png")
+    if not args.quick:
+        plot(saved_rows(args.out), f"{args.out}/memory_table.png")
+
+
+def saved_rows(out):
+    """The rows of every full-run memory table in `out` (each file is one command's output)."""
+    rows = []
+    for path in sorted(Path(out).glob("memory_table_*.csv")):
+        if not path.stem.startswith("memory_table_quick"):
+            with open(path) as f:
+                rows += [dict(r, MB=float(r["MB"])) for r in csv.DictReader(f)]
+    return rows
 
 
 NOTE = ("Activation memory of one training step (MB = live tensor bytes after forward minus the output, "
