@@ -30,6 +30,7 @@ from . import report as R
 from .config import Config
 from .memory import arg_storages as _arg_storages
 from .memory import arg_tensors as _arg_tensors
+from .memory import sparse_parts as _sparse_parts
 from .memory import storage_id as _storage_id
 
 # Ops whose backward needs only the sign of the saved tensor (ReLU's output, leaky ReLU's input).
@@ -206,9 +207,14 @@ class HookEngine:
         quantized; any other float -> block-wise quantized."""
         op = self.tracker.current
         name = _op_name(op, t)
-        if t.layout != torch.strided or (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)):
-            # Sparse adjacencies and tensor subclasses: left to autograd as they are.
-            return self._keep(t, name, R.EXTERNAL if t.grad_fn is None else R.UNCOMPRESSED)
+        if t.layout != torch.strided:
+            # Sparse tensors are left to autograd as they are. One built inside the session (GCN's
+            # normalised adjacency, made in every forward) is an activation: it counts as held memory.
+            parts = _sparse_parts(t)
+            made_here = t.grad_fn is not None or (bool(parts) and self.tracker.produced(parts[-1]))
+            return self._keep(t, name, R.UNCOMPRESSED if made_here else R.EXTERNAL)
+        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            return self._keep(t, name, R.EXTERNAL if t.grad_fn is None else R.UNCOMPRESSED)  # subclasses: as is
         if self._is_external(t):
             return self._keep(t, name, R.EXTERNAL)
         if _is_linear_op(op) and self._is_dense_operand_of_constant_sparse_product(t):
@@ -283,18 +289,25 @@ class HookEngine:
         return (_storage_id(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
 
     def _count_original(self, t: torch.Tensor) -> int:
-        """Bytes autograd would hold for ``t``: its size the first time the tensor is seen, else 0."""
-        key = self._key(t)
+        """Bytes autograd would hold for ``t``: its size the first time the tensor is seen, else 0.
+        A sparse tensor is keyed on its values and pins the whole storages of its parts (its column
+        indices may be a row of a 2 x nnz COO index tensor)."""
+        parts = _sparse_parts(t) if t.layout != torch.strided else (t,)
+        if not parts:
+            return 0
+        key = self._key(parts[-1]) + (t.layout,)
         if self._counted.get(key):
             return 0
-        self._counted.put(key, t, True)
-        return _held_bytes(t)
+        self._counted.put(key, parts[-1], True)
+        if t.layout == torch.strided:
+            return _held_bytes(t)
+        return sum({_storage_id(p): p.untyped_storage().nbytes() for p in parts}.values())
 
     def _keep(self, t: torch.Tensor, name: str, kind: str) -> _Packed:
         if kind == R.EXTERNAL:
             self.records.append(R.Record(kind, name, 0, _held_bytes(t)))
         else:  # an activation stored as is, once, as autograd would store it
-            original = self._count_original(t) if t.layout == torch.strided else 0
+            original = self._count_original(t)
             self.records.append(R.Record(kind, name, original, original))
         return _Kept(t)
 

@@ -5,7 +5,7 @@ measure activation memory as "memory held after forward minus memory held before
 from __future__ import annotations
 
 import resource
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -28,9 +28,26 @@ def arg_tensors(args, kwargs):
             yield from (b for b in a if isinstance(b, torch.Tensor))
 
 
+def sparse_parts(t: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The dense tensors a sparse tensor is made of, values last (empty for other layouts)."""
+    if t.layout == torch.sparse_coo:
+        return t._indices(), t._values()
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return t.crow_indices(), t.col_indices(), t.values()
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return t.ccol_indices(), t.row_indices(), t.values()
+    return ()
+
+
 def arg_storages(args, kwargs) -> set:
-    """Storage ids of the strided tensors among an op's arguments."""
-    return {storage_id(a) for a in arg_tensors(args, kwargs) if a.layout == torch.strided}
+    """Storage ids of the tensors among an op's arguments (for a sparse one, of its parts)."""
+    out = set()
+    for a in arg_tensors(args, kwargs):
+        if a.layout == torch.strided:
+            out.add(storage_id(a))
+        else:
+            out.update(storage_id(p) for p in sparse_parts(a))
+    return out
 
 
 class LiveTensorMemory(TorchDispatchMode):
