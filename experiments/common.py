@@ -51,7 +51,19 @@ def write_results(out: str, stem: str, rows: List[Dict], header_note: str, comma
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
     (outdir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_index(outdir)
     return outdir / f"{stem}.md"
+
+
+def write_index(outdir: Path) -> None:
+    """README.md of a results directory: each table with the command that made it and its run time."""
+    lines = ["# Results", "", "Written by the experiment scripts (`experiments/common.py`); each table names its command.", "",
+             "| table | command and run time |", "|---|---|"]
+    for md in sorted(outdir.glob("*.md")):
+        if md.name != "README.md":
+            cmd = next((l[len("Command: "):] for l in md.read_text().splitlines() if l.startswith("Command: ")), "")
+            lines.append(f"| [{md.stem}]({md.name}) | {cmd} |")
+    (outdir / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def _fmt(v) -> str:

@@ -88,9 +88,10 @@ def run_model(dataset, model_name, layers, hidden, scale, reduced, repeats, skip
     for label, cfg in tqdm(configs(reduced), desc=f"{dataset} {model_name}", leave=False):
         if cfg is None and skip_fp32_measure:
             continue  # does not fit: fp32 bytes come from the reports' original_bytes
-        act, report, _ = step(model, data, cfg, tracker=True)
-        times = [step(model, data, cfg)[2] for _ in range(repeats)]
-        t = statistics.median(times)
+        act, report, t = step(model, data, cfg, tracker=True)
+        # Without an fp32 step there is no time ratio to report: skip the extra timed steps.
+        times = [step(model, data, cfg)[2] for _ in range(0 if skip_fp32_measure else repeats)]
+        t = statistics.median(times) if times else t
         if cfg is None:
             fp32_bytes, fp32_time = act, t
         if fp32_bytes is None and report is not None:
