@@ -9,8 +9,9 @@ and model, measures one full-batch training step for: fp32; INT2 with 1 (EXACT's
 projection (D/R = 2, 4, 8); uniform and auto non-uniform levels. Memory is measured, not predicted:
 live tensor bytes after the forward minus the output (exactq.LiveTensorMemory), checked against the
 session's report. Step time is the median of timed steps in the same run, as a ratio to fp32.
---edge-scale thins the edges only: GCN/GraphSAGE activations are node x feature tensors, so their
-bytes do not depend on the edge count, while the sparse products' time does.
+--edge-scale thins the edges only: GraphSAGE's activations are node x feature tensors whose bytes do
+not depend on the edge count (the sparse products' time does); GCN also keeps each layer's normalised
+adjacency, which scales with the edges.
 Writes experiments/results/memory_table[_quick][_DATASETS][_MODELS].{md,csv,png}, and
 memory_table.png: a figure of every full-run table in the results directory.
 """
