@@ -32,16 +32,33 @@ inline void check_dequantize_inputs(const at::Tensor& packed, const at::Tensor& 
   TORCH_CHECK(at::isFloatingType(dtype), "exactq: dtype must be a floating-point type, got ", dtype);
 }
 
-inline void check_pack_mask_input(const at::Tensor& mask) {
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "exactq: pack_mask needs a bool tensor, got ",
-              mask.scalar_type());
+inline void check_pack_mask_input(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kBool || at::isFloatingType(x.scalar_type()),
+              "exactq: pack_mask needs a bool or floating-point tensor, got ", x.scalar_type());
 }
 
-inline void check_unpack_mask_inputs(const at::Tensor& packed, int64_t numel) {
+inline void check_unpack_mask_inputs(const at::Tensor& packed, int64_t numel,
+                                     const std::optional<at::Tensor>& value) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.numel() == (numel + 7) / 8,
               "exactq: packed must be a contiguous uint8 tensor of ", (numel + 7) / 8, " bytes for ",
               numel, " mask elements");
+  if (value.has_value()) {
+    TORCH_CHECK(value->dim() == 0 && at::isFloatingType(value->scalar_type()),
+                "exactq: value must be a 0-dim floating-point tensor, got ", value->scalar_type(), " with ",
+                value->dim(), " dims");
+    TORCH_CHECK(value->device() == packed.device(), "exactq: value must be on packed's device ",
+                packed.device(), ", got ", value->device());
+  }
+}
+
+// The destination of an *_into op: contiguous, of the expected dtype, on the input's device.
+inline void check_out(const at::Tensor& out, const at::Tensor& packed, int64_t numel, at::ScalarType dtype) {
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == dtype && out.numel() == numel,
+              "exactq: out must be a contiguous ", dtype, " tensor of ", numel, " elements, got ",
+              out.scalar_type(), " with ", out.numel(), out.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(out.device() == packed.device(), "exactq: out must be on packed's device ", packed.device(),
+              ", got ", out.device());
 }
 
 }  // namespace exactq

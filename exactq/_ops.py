@@ -23,8 +23,13 @@ _SCHEMAS = {
         "dequantize(Tensor packed, Tensor stats, int bits, int block_size, float? level, SymInt numel, "
         "ScalarType dtype) -> Tensor"
     ),
-    "pack_mask": "pack_mask(Tensor mask) -> Tensor",
-    "unpack_mask": "unpack_mask(Tensor packed, SymInt numel) -> Tensor",
+    # Writes into a given contiguous tensor (the hook engine reuses its memory on CPU).
+    "dequantize_into": (
+        "dequantize_into(Tensor packed, Tensor stats, int bits, int block_size, float? level, Tensor(a!) out) -> ()"
+    ),
+    "pack_mask": "pack_mask(Tensor x, bool positive=False) -> Tensor",
+    "unpack_mask": "unpack_mask(Tensor packed, SymInt numel, Tensor? value=None) -> Tensor",
+    "unpack_mask_into": "unpack_mask_into(Tensor packed, Tensor? value, Tensor(a!) out) -> ()",
 }
 for _schema in _SCHEMAS.values():
     _LIB.define(_schema)
@@ -43,14 +48,24 @@ def _dequantize_fake(packed, stats, bits, block_size, level, numel, dtype):
     return packed.new_empty((numel,), dtype=dtype)
 
 
+@torch.library.register_fake("exactq::dequantize_into", lib=_LIB)
+def _dequantize_into_fake(packed, stats, bits, block_size, level, out):
+    return None
+
+
 @torch.library.register_fake("exactq::pack_mask", lib=_LIB)
-def _pack_mask_fake(mask):
-    return mask.new_empty(((mask.numel() + 7) // 8,), dtype=torch.uint8)
+def _pack_mask_fake(x, positive=False):
+    return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
 
 
 @torch.library.register_fake("exactq::unpack_mask", lib=_LIB)
-def _unpack_mask_fake(packed, numel):
-    return packed.new_empty((numel,), dtype=torch.bool)
+def _unpack_mask_fake(packed, numel, value=None):
+    return packed.new_empty((numel,), dtype=torch.bool if value is None else value.dtype)
+
+
+@torch.library.register_fake("exactq::unpack_mask_into", lib=_LIB)
+def _unpack_mask_into_fake(packed, value, out):
+    return None
 
 
 # Device-generic fallback (CompositeExplicitAutograd): used where no native kernel is registered.
@@ -74,5 +89,7 @@ def has_native_kernel(device_type: str) -> bool:
 
 quantize = torch.ops.exactq.quantize.default
 dequantize = torch.ops.exactq.dequantize.default
+dequantize_into = torch.ops.exactq.dequantize_into.default
 pack_mask = torch.ops.exactq.pack_mask.default
 unpack_mask = torch.ops.exactq.unpack_mask.default
+unpack_mask_into = torch.ops.exactq.unpack_mask_into.default

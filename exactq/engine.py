@@ -16,6 +16,7 @@ freed on unpack; hooks disable autograd's de-duplication, so identical saves sha
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -34,8 +35,8 @@ from .memory import sparse_parts as _sparse_parts
 from .memory import storage_id as _storage_id
 
 # Ops whose backward needs only the sign of the saved tensor (ReLU's output, leaky ReLU's input).
-_SIGN_OPS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_,
-             F.leaky_relu, F.leaky_relu_}
+_LEAKY_OPS = {F.leaky_relu, F.leaky_relu_}
+_SIGN_OPS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_} | _LEAKY_OPS
 # Ops whose backward uses their saved operands linearly: random projection is unbiased there.
 _LINEAR_OPS = {F.linear, torch.mm, torch.matmul, torch.addmm, torch.bmm, torch.sparse.mm,
                torch.Tensor.mm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
@@ -171,6 +172,45 @@ class _Kept(_Packed):
         return self.tensor
 
 
+class _RestoreBuffers:
+    """CPU memory for restored activations, reused within one backward pass.
+
+    A restored tensor lives only while its backward node runs. Fresh memory for it costs a page fault
+    per 4 KiB on first touch, as long as the restore itself takes; so large restores (>= ``min_bytes``)
+    are written into buffers kept here. A buffer is free again once no tensor but the pool references
+    its storage (its storage's use count is 1), so a restored tensor that autograd keeps (e.g. as a
+    gradient) is never overwritten. Free buffers beyond twice the largest request are dropped. The
+    pool is held only by the packed tensors, so it is freed with the graph. CUDA has its caching
+    allocator and gets ``None`` (the op allocates).
+    """
+
+    _use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+    def __init__(self, min_bytes: int = 1 << 20) -> None:
+        self.min_bytes = min_bytes
+        self._bufs: List[torch.UntypedStorage] = []
+        self._largest = 0
+
+    def empty(self, numel: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+        nbytes = numel * dtype.itemsize
+        if device.type != "cpu" or nbytes < self.min_bytes or self._use_count is None:
+            return None
+        self._largest = max(self._largest, nbytes)
+        free = [b for b in self._bufs if self._use_count(b._cdata) == 1]
+        fits = [b for b in free if nbytes <= b.nbytes() <= 2 * nbytes]
+        buf = min(fits, key=lambda b: b.nbytes()) if fits else torch.UntypedStorage(nbytes)
+        if not fits:
+            self._bufs.append(buf)
+        spare = sum(b.nbytes() for b in free if b is not buf)
+        for b in free:  # oldest first
+            if spare <= 2 * self._largest:
+                break
+            if b is not buf:
+                self._bufs.remove(b)
+                spare -= b.nbytes()
+        return torch.empty(0, dtype=dtype).set_(buf, 0, (numel,))
+
+
 class HookEngine:
     """Packs and unpacks saved tensors for one compression session (see module docstring)."""
 
@@ -185,6 +225,14 @@ class HookEngine:
         self._counted = _StorageKeyed()
         self._shared = _StorageKeyed()
         self._projections: Dict[tuple, torch.Tensor] = {}
+        self._buffers_ref: Callable[[], Optional[_RestoreBuffers]] = lambda: None
+
+    def _buffers(self) -> _RestoreBuffers:
+        pool = self._buffers_ref()
+        if pool is None:
+            pool = _RestoreBuffers()
+            self._buffers_ref = weakref.ref(pool)
+        return pool
 
     # -- policy ---------------------------------------------------------------------------------
     def _is_external(self, t: torch.Tensor) -> bool:
@@ -222,24 +270,27 @@ class HookEngine:
         nbytes = t.numel() * t.element_size()
         overlapping = t.untyped_storage().nbytes() < nbytes
         if t.dtype == torch.bool and not overlapping and t.numel() > 0:
-            return self._shared_pack(t, name, R.MASK, lambda: EF.pack_mask(t), EF.unpack_mask)
+            return self._shared_pack(t, name, R.MASK, lambda: (EF.pack_mask(t), None), self._restore(_unpack_mask))
         if t.dtype not in _FLOATS or t.numel() < self.config.min_numel or overlapping:
             return self._keep(t, name, R.UNCOMPRESSED)
         if op in _NORM_OPS and not self._is_first_argument_sized(t):
             return self._keep(t, name, R.UNCOMPRESSED)
         if op in _DROPOUT_OPS and t.grad_fn is None:
-            return self._shared_pack(t, name, R.MASK, lambda: _pack_two_valued(t), _unpack_two_valued)
+            return self._shared_pack(t, name, R.MASK, lambda: _pack_two_valued(t), self._restore(_unpack_mask))
         if op in _SIGN_OPS:
-            dtype = t.dtype
-            return self._shared_pack(t, name, R.SIGN, lambda: EF.pack_mask(t > 0),
-                                     lambda p: EF.unpack_mask(p).to(dtype))
+            # ReLU saves its output and its backward tests `result <= 0`: keeping `!= 0` passes a NaN's
+            # gradient as fp32 does. Leaky ReLU saves its input and tests `> 0`.
+            positive = op in _LEAKY_OPS
+            return self._shared_pack(t, name, R.SIGN, lambda: _pack_two_valued(t, positive, t.new_ones(())),
+                                     self._restore(_unpack_mask))
         if self.config.rp_ratio is not None and self.config.rp_ratio < 1 and t.dim() >= 2 and _is_linear_op(op):
             d = t.shape[-1]
             r = max(1, math.ceil(d * self.config.rp_ratio))
             if r < d:
-                return self._shared_pack(t, name, R.PROJECTED, lambda: self._project(t, r), self._unproject)
+                return self._shared_pack(t, name, R.PROJECTED, lambda: self._project(t, r), self._restore(_unproject))
         normal_like = op in _NORM_OPS
-        return self._shared_pack(t, name, R.QUANTIZED, lambda: self._quantize(t, normal_like), EF.dequantize)
+        return self._shared_pack(t, name, R.QUANTIZED, lambda: self._quantize(t, normal_like),
+                                 self._restore(_dequantize))
 
     def _is_dense_operand_of_constant_sparse_product(self, t: torch.Tensor) -> bool:
         """In A @ X with a sparse A that needs no gradient, X is saved only for A's gradient."""
@@ -278,10 +329,8 @@ class HookEngine:
         p = self._projection(t.shape[-1], r, t)
         return self._quantize(t.reshape(-1, t.shape[-1]) @ p, normal_like=True), p, t.shape
 
-    @staticmethod
-    def _unproject(payload) -> torch.Tensor:
-        q, p, shape = payload
-        return (EF.dequantize(q) @ p.t()).view(shape)
+    def _restore(self, fn: Callable[[_RestoreBuffers, Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+        return functools.partial(fn, self._buffers())
 
     # -- bookkeeping --------------------------------------------------------------------------------
     @staticmethod
@@ -341,18 +390,36 @@ class HookEngine:
         return R.MemoryReport.from_records(self.records)
 
 
-def _pack_two_valued(t: torch.Tensor) -> Tuple[EF.PackedMask, torch.Tensor]:
-    """A tensor whose values are 0 or one value v (dropout noise): 1-bit mask + v, exact."""
-    return EF.pack_mask(t != 0), t.detach().amax()
+def _pack_two_valued(t: torch.Tensor, positive: bool = False,
+                     value: Optional[torch.Tensor] = None) -> Tuple[EF.PackedMask, torch.Tensor]:
+    """1-bit mask + the value it restores to: exact for dropout's noise (0 or v = its maximum); a 0/1
+    stand-in for a ReLU's sign (``value`` = 1)."""
+    return EF.pack_mask(t, positive), t.detach().amax() if value is None else value
 
 
-def _unpack_two_valued(payload) -> torch.Tensor:
+# Restores: write into the pool's buffers where it has one.
+def _unpack_mask(pool: _RestoreBuffers, payload: Tuple[EF.PackedMask, Optional[torch.Tensor]]) -> torch.Tensor:
     mask, value = payload
-    return EF.unpack_mask(mask).to(value.dtype) * value
+    dtype = torch.bool if value is None else value.dtype
+    return EF.unpack_mask(mask, value, out=pool.empty(math.prod(mask.shape), dtype, mask.packed.device))
+
+
+def _dequantize(pool: _RestoreBuffers, q: EF.QuantizedTensor) -> torch.Tensor:
+    return EF.dequantize(q, out=pool.empty(q.numel, q.dtype, q.packed.device))
+
+
+def _unproject(pool: _RestoreBuffers, payload) -> torch.Tensor:
+    q, p, shape = payload
+    x = EF.dequantize(q)  # r columns: small
+    out = pool.empty(x.shape[0] * p.shape[0], x.dtype, x.device)
+    if out is None:
+        return (x @ p.t()).view(shape)
+    return torch.mm(x, p.t(), out=out.view(x.shape[0], p.shape[0])).view(shape)
 
 
 def _payload_bytes(payload: Any) -> int:
-    if isinstance(payload, (EF.QuantizedTensor, EF.PackedMask)):
+    if isinstance(payload, EF.QuantizedTensor):
         return payload.nbytes
-    # projected: (QuantizedTensor, shared projection matrix, shape); two-valued: (PackedMask, value)
-    return payload[0].nbytes + (payload[1].nbytes if isinstance(payload[0], EF.PackedMask) else 0)
+    # projected: (QuantizedTensor, shared projection matrix, shape); masks: (PackedMask, value or None)
+    value = payload[1] if isinstance(payload[0], EF.PackedMask) else None
+    return payload[0].nbytes + (value.nbytes if value is not None else 0)

@@ -135,8 +135,20 @@ def quantize(
     return QuantizedTensor(packed, stats, x.shape, x.dtype, bits, block_size, level, seed)
 
 
-def dequantize(q: QuantizedTensor) -> torch.Tensor:
-    """Restore a :class:`QuantizedTensor` to a tensor of its original shape, dtype and device."""
+def _check_out(out: Optional[torch.Tensor], numel: int, dtype: torch.dtype, device: torch.device) -> None:
+    if out is not None and (
+        not isinstance(out, torch.Tensor) or not out.is_contiguous() or out.numel() != numel
+        or out.dtype != dtype or out.device != device
+    ):
+        got = (f"{out.dtype} with {out.numel()} elements on {out.device}"
+               + ("" if out.is_contiguous() else ", not contiguous")) if isinstance(out, torch.Tensor) \
+            else type(out).__name__
+        raise ValueError(f"out must be None or a contiguous {dtype} tensor of {numel} elements on {device}, got {got}")
+
+
+def dequantize(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Restore a :class:`QuantizedTensor` to a tensor of its original shape, dtype and device; with
+    ``out`` (contiguous, of that dtype, device and number of elements), written into it."""
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be an exactq.QuantizedTensor, got {type(q).__name__}")
     n = q.numel
@@ -152,26 +164,54 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
         )
     if q.stats.device != q.packed.device:
         raise ValueError(f"q.stats is on {q.stats.device} but q.packed on {q.packed.device}")
-    out = _ops.dequantize(q.packed, q.stats, q.bits, q.block_size, q.level, n, q.dtype)
+    if out is None:
+        out = _ops.dequantize(q.packed, q.stats, q.bits, q.block_size, q.level, n, q.dtype)
+    else:
+        _check_out(out, n, q.dtype, q.packed.device)
+        _ops.dequantize_into(q.packed, q.stats, q.bits, q.block_size, q.level, out)
     return out.view(q.shape)
 
 
-def pack_mask(mask: torch.Tensor) -> PackedMask:
-    """Store a bool tensor losslessly at 1 bit per element."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a bool tensor, got {got}")
-    return PackedMask(_ops.pack_mask(mask.detach()), mask.shape)
+def pack_mask(x: torch.Tensor, positive: bool = False) -> PackedMask:
+    """Store a mask losslessly at 1 bit per element.
+
+    Args:
+        x: a bool tensor (stored as is) or a floating-point tensor, whose bit is ``x != 0`` (NaN counts
+            as non-zero) or, with ``positive=True``, ``x > 0``; any shape and strides.
+        positive: for a floating ``x``, keep ``x > 0`` instead of ``x != 0``.
+    """
+    if not isinstance(x, torch.Tensor) or not (x.dtype == torch.bool or x.dtype in FLOAT_DTYPES):
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a bool or floating-point tensor, got {got}")
+    if not isinstance(positive, bool):
+        raise TypeError(f"positive must be a bool, got {type(positive).__name__}")
+    return PackedMask(_ops.pack_mask(x.detach(), positive), x.shape)
 
 
-def unpack_mask(packed: PackedMask) -> torch.Tensor:
-    """Restore the bool tensor stored by :func:`pack_mask`."""
+def unpack_mask(packed: PackedMask, value: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Restore the mask stored by :func:`pack_mask`: a bool tensor, or with ``value`` (a 0-dim
+    floating-point tensor on the mask's device) a tensor of ``value.dtype`` holding ``value`` where the
+    mask is set and 0 elsewhere, written in one pass; with ``out`` (contiguous, of that dtype, device
+    and number of elements), written into it."""
     if not isinstance(packed, PackedMask):
         raise TypeError(f"packed must be an exactq.PackedMask, got {type(packed).__name__}")
     n = math.prod(packed.shape)
     if packed.packed.dtype != torch.uint8 or packed.packed.numel() != (n + 7) // 8:
         raise ValueError(f"packed.packed must be uint8 with {(n + 7) // 8} bytes for shape {tuple(packed.shape)}")
-    return _ops.unpack_mask(packed.packed, n).view(packed.shape)
+    if value is not None and (
+        not isinstance(value, torch.Tensor) or value.dim() != 0 or value.dtype not in FLOAT_DTYPES
+        or value.device != packed.packed.device
+    ):
+        got = f"{value.dtype} of shape {tuple(value.shape)} on {value.device}" if isinstance(value, torch.Tensor) \
+            else type(value).__name__
+        raise TypeError(f"value must be None or a 0-dim floating-point tensor on {packed.packed.device}, got {got}")
+    if out is None:
+        out = _ops.unpack_mask(packed.packed, n, value)
+    else:
+        _check_out(out, n, torch.bool if value is None else value.dtype, packed.packed.device)
+        _ops.unpack_mask_into(packed.packed, value, out)
+    return out.view(packed.shape)
 
 
 __all__: Sequence[str] = (

@@ -194,11 +194,30 @@ def dequantize(
     return out.to(device=device, dtype=dtype)
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Reference of ``exactq::pack_mask``: bool -> uint8, 8 elements per byte, low bit first."""
-    return pack_codes(mask.reshape(-1).cpu().to(torch.int64), 1).to(mask.device)
+def dequantize_into(
+    packed: torch.Tensor, stats: torch.Tensor, bits: int, block_size: int, level: Optional[float], out: torch.Tensor
+) -> None:
+    """Reference of ``exactq::dequantize_into``: :func:`dequantize` written into ``out`` (its numel and dtype)."""
+    out.view(-1).copy_(dequantize(packed, stats, bits, block_size, level, out.numel(), out.dtype))
 
 
-def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Reference of ``exactq::unpack_mask``: a flat bool tensor of ``numel`` elements."""
-    return unpack_codes(packed.cpu(), 1, numel).to(device=packed.device, dtype=torch.bool)
+def pack_mask(x: torch.Tensor, positive: bool = False) -> torch.Tensor:
+    """Reference of ``exactq::pack_mask``: uint8, 8 elements per byte, low bit first. The bit of an element
+    is the element itself for a bool tensor; for a floating one ``x != 0`` (NaN is non-zero), or
+    ``x > 0`` with ``positive``."""
+    m = x if x.dtype == torch.bool else (x > 0 if positive else x != 0)
+    return pack_codes(m.reshape(-1).cpu().to(torch.int64), 1).to(x.device)
+
+
+def unpack_mask(packed: torch.Tensor, numel: int, value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference of ``exactq::unpack_mask``: a flat tensor of ``numel`` elements; bool, or with a 0-dim
+    ``value`` that value where the bit is set and +0 elsewhere, in ``value.dtype``."""
+    bits = unpack_codes(packed.cpu(), 1, numel).to(device=packed.device, dtype=torch.bool)
+    if value is None:
+        return bits
+    return torch.where(bits, value, torch.zeros((), dtype=value.dtype, device=value.device))
+
+
+def unpack_mask_into(packed: torch.Tensor, value: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """Reference of ``exactq::unpack_mask_into``: :func:`unpack_mask` written into ``out``."""
+    out.view(-1).copy_(unpack_mask(packed, out.numel(), value))

@@ -110,7 +110,11 @@ def test_policy_kinds_and_dedup(graph):
 @pytest.mark.parametrize("act", [F.relu, torch.relu, F.leaky_relu, lambda t: t.relu()],
                          ids=["F.relu", "torch.relu", "F.leaky_relu", "Tensor.relu"])
 def test_relu_like_ops_store_one_bit_and_give_exact_gradients(act):
-    x = torch.randn(300, 64, requires_grad=True)
+    """Exact even at NaN inputs: ReLU's backward passes a NaN's gradient, leaky ReLU scales it."""
+    x = torch.randn(300, 64)
+    x[0, :5] = float("nan")
+    x[1, :5] = 0.0
+    x.requires_grad_(True)
     c = torch.randn(64)
     grads = []
     for ctx in (contextlib.nullcontext(), exactq.compress(bits=2, min_numel=0)):
@@ -120,7 +124,7 @@ def test_relu_like_ops_store_one_bit_and_give_exact_gradients(act):
         grads.append(x.grad.clone())
         x.grad = None
     assert torch.equal(grads[0], grads[1])
-    assert s.report().by_kind[R.SIGN].stored_bytes == 300 * 64 // 8
+    assert s.report().by_kind[R.SIGN].stored_bytes == 300 * 64 // 8 + 4  # the bits and the 0-dim 1.0
 
 
 def test_dropout_gradient_is_exact_at_two_bits():
@@ -228,6 +232,57 @@ def test_exception_leaves_no_hooks_behind():
             raise ValueError("boom")
     assert not _hooks_active()
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_restore_buffers_are_reused_only_once_free():
+    from exactq.engine import _RestoreBuffers
+
+    cpu = torch.device("cpu")
+    pool = _RestoreBuffers(min_bytes=1024)
+    a = pool.empty(1000, torch.float32, cpu)
+    b = pool.empty(1000, torch.float32, cpu)
+    ptr_a = a.data_ptr()
+    view = a.view(10, 100)  # a view still uses a's storage
+    del a
+    c = pool.empty(1000, torch.float32, cpu)
+    assert len({ptr_a, b.data_ptr(), c.data_ptr()}) == 3
+    del view
+    d = pool.empty(600, torch.float32, cpu)  # a's 4000 bytes are free and fit (at most twice the request)
+    assert d.data_ptr() == ptr_a and d.shape == (600,)
+    assert pool.empty(1000, torch.float16, cpu).data_ptr() not in {ptr_a, b.data_ptr(), c.data_ptr()}
+    assert pool.empty(10, torch.float32, cpu) is None  # small: malloc reuses its own free lists
+    assert pool.empty(1000, torch.float32, torch.device("meta")) is None  # not CPU: the allocator caches
+
+
+def test_large_exact_restores_reuse_buffers_and_stay_exact(monkeypatch):
+    """Restores of >= 1 MiB are written into reused buffers. A chain of dropout and ReLU, whose saved
+    tensors are stored exactly, must still give fp32's gradients bit for bit, with fewer buffers than
+    restores."""
+    from exactq.engine import _RestoreBuffers
+
+    handed_out = []
+    original = _RestoreBuffers.empty
+
+    def recording(self, numel, dtype, device):
+        out = original(self, numel, dtype, device)
+        if out is not None:
+            handed_out.append(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(_RestoreBuffers, "empty", recording)
+    x = torch.randn(4096, 128, requires_grad=True)  # 2 MiB per activation
+    grads = []
+    for ctx in (contextlib.nullcontext(), exactq.compress(bits=2, seed=0)):
+        torch.manual_seed(3)
+        with ctx:
+            h = x
+            for _ in range(4):
+                h = F.relu(F.dropout(h * 1.5, 0.3, True))
+        (h * torch.arange(128.0)).sum().backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+    assert torch.equal(grads[0], grads[1])
+    assert len(handed_out) == 8 and len(set(handed_out)) <= 3
 
 
 def test_backward_after_block_and_memory_freed_after_backward(graph):

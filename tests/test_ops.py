@@ -219,6 +219,55 @@ def test_mask_round_trip(device, shape):
     assert torch.equal(exactq.unpack_mask(exactq.pack_mask(nc)), nc)
 
 
+@pytest.mark.parametrize("positive", [False, True], ids=["nonzero", "positive"])
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (33, 17), (3, 0), (1000, 37)], ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_mask_of_floats_and_unpack_to_value(device, dtype, shape, positive):
+    """A floating tensor packs to the bits of x != 0 (x > 0 with positive), NaN and -0.0 included, and
+    unpacks in one pass to value-or-zero: the kernels against the reference and against the formula."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g).to(dtype)
+    x[torch.rand(shape, generator=g) < 0.3] = 0.0
+    flat = x.view(-1)
+    specials = torch.tensor([float("nan"), -0.0, float("inf"), float("-inf"), 1e-40], dtype=torch.float64)
+    flat[: min(5, flat.numel())] = specials[: min(5, flat.numel())].to(dtype)
+    x = x.to(device)
+    p = exactq.pack_mask(x, positive=positive)
+    expect = x > 0 if positive else x != 0
+    assert torch.equal(p.packed.cpu(), reference.pack_mask(x.cpu(), positive))
+    assert torch.equal(exactq.unpack_mask(p), expect)
+    for v in (2.0, float("nan"), -1.5):
+        value = torch.tensor(v, dtype=dtype, device=device)
+        out = exactq.unpack_mask(p, value)
+        assert out.dtype == dtype and out.shape == x.shape
+        want = torch.where(expect, value, torch.zeros((), dtype=dtype, device=device))
+        assert torch.equal(out.cpu().view(-1).view(torch.uint8), want.cpu().view(-1).view(torch.uint8))
+        ref = reference.unpack_mask(p.packed.cpu(), x.numel(), value.cpu())
+        assert torch.equal(out.cpu().view(-1).view(torch.uint8), ref.view(-1).view(torch.uint8))
+
+
+def test_restore_into_given_tensor(device):
+    x = _data((37, 21), torch.float32, device)
+    q = exactq.quantize(x, bits=2, block_size=64, seed=1)
+    out = torch.full((x.numel(),), float("nan"), device=device)
+    y = exactq.dequantize(q, out=out)
+    assert y.shape == x.shape and y.data_ptr() == out.data_ptr()
+    assert torch.equal(y, exactq.dequantize(q))
+    p = exactq.pack_mask(x)
+    for value, dtype in ((None, torch.bool), (torch.tensor(3.0, device=device), torch.float32)):
+        out = torch.empty(x.numel(), dtype=dtype, device=device)
+        m = exactq.unpack_mask(p, value, out=out)
+        assert m.data_ptr() == out.data_ptr() and torch.equal(m, exactq.unpack_mask(p, value))
+    for bad in (torch.empty(x.numel(), dtype=torch.float16, device=device), torch.empty(5, device=device),
+                torch.empty(x.numel() * 2, device=device)[::2], "buffer"):
+        with pytest.raises(ValueError, match="out must be None or a contiguous torch.float32 tensor of 777"):
+            exactq.dequantize(q, out=bad)
+    with pytest.raises(ValueError, match="out must be None or a contiguous torch.bool tensor"):
+        exactq.unpack_mask(p, out=torch.empty(x.numel(), device=device))
+    with pytest.raises(RuntimeError, match="out must be a contiguous Float tensor of 777 elements"):
+        _ops.dequantize_into(q.packed, q.stats, 2, 64, q.level, torch.empty(2 * 777, device=device)[::2])
+
+
 def test_opcheck(device):
     x = _data((37, 21), torch.float32, device)
     level = exactq.int2_levels(64)[1]
@@ -230,7 +279,12 @@ def test_opcheck(device):
         (_ops.quantize, (x.half(), 4, 10, None, 5)),
         (_ops.dequantize, (packed, stats, 2, 64, level, x.numel(), torch.float32)),
         (_ops.pack_mask, (m,)),
+        (_ops.pack_mask, (x, True)),
         (_ops.unpack_mask, (pm, m.numel())),
+        (_ops.unpack_mask, (pm, m.numel(), torch.tensor(2.0, device=device))),
+        (_ops.dequantize_into, (packed, stats, 2, 64, level, torch.empty(x.numel(), device=device))),
+        (_ops.unpack_mask_into, (pm, None, torch.empty(m.numel(), dtype=torch.bool, device=device))),
+        (_ops.unpack_mask_into, (pm, torch.tensor(2.0, device=device), torch.empty(m.numel(), device=device))),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -259,8 +313,8 @@ def test_bad_inputs_raise_clear_errors():
         exactq.quantize(torch.arange(10))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         exactq.quantize([1.0, 2.0])
-    with pytest.raises(TypeError, match="mask must be a bool tensor"):
-        exactq.pack_mask(torch.ones(3))
+    with pytest.raises(TypeError, match="x must be a bool or floating-point tensor, got torch.int64"):
+        exactq.pack_mask(torch.ones(3, dtype=torch.long))
     with pytest.raises(TypeError, match="q must be an exactq.QuantizedTensor"):
         exactq.dequantize(torch.ones(3))
     q = exactq.quantize(torch.randn(100), block_size=10)
@@ -275,6 +329,11 @@ def test_bad_inputs_raise_clear_errors():
     p = exactq.pack_mask(torch.ones(20, dtype=torch.bool))
     with pytest.raises(ValueError, match="packed.packed must be uint8 with 3 bytes"):
         exactq.unpack_mask(dataclasses.replace(p, packed=p.packed[:2]))
+    for bad in (torch.ones(2), torch.ones((), dtype=torch.long), 1.0):
+        with pytest.raises(TypeError, match="value must be None or a 0-dim floating-point tensor"):
+            exactq.unpack_mask(p, bad)
+    with pytest.raises(RuntimeError, match="value must be a 0-dim floating-point tensor"):
+        _ops.unpack_mask(p.packed, 20, torch.ones(2))
     # The kernels check too, for callers of torch.ops.exactq directly.
     with pytest.raises(RuntimeError, match="bits must be one of 1, 2, 4, 8"):
         _ops.quantize(torch.randn(4), 3, 4, None, 0)

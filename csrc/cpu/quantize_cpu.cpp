@@ -81,6 +81,28 @@ __attribute__((target_clones("avx2", "default"))) void round_span(
   }
 }
 
+// The 8 / B codes (one per byte, little-endian) of `w` packed into one byte, code c at bit c * B, by
+// one multiply: each code is copied to bit offsets that do not overlap (so nothing carries) and the
+// wanted copies line up in one byte.
+template <int B>
+inline uint8_t pack_word(uint64_t w) {
+  if constexpr (B == 1) return static_cast<uint8_t>((w * 0x0102040810204080ull) >> 56);
+  if constexpr (B == 2) return static_cast<uint8_t>((static_cast<uint32_t>(w) * 0x41041u) >> 18);
+  if constexpr (B == 4) return static_cast<uint8_t>((w | (w >> 4)) & 0xFFu);
+  return static_cast<uint8_t>(w);
+}
+
+template <int B>
+__attribute__((target_clones("avx2", "default"))) void pack_whole_bytes(const uint8_t* __restrict codes,
+                                                                         int64_t nbytes, uint8_t* __restrict dst) {
+  constexpr int cpb = 8 / B;
+  for (int64_t k = 0; k < nbytes; ++k) {
+    uint64_t w = 0;
+    std::memcpy(&w, codes + k * cpb, cpb);
+    dst[k] = pack_word<B>(w);
+  }
+}
+
 // Writes codes of elements [i0, i0 + n) into the packed buffer (zero-initialised): whole bytes are
 // stored, the partial bytes at either end (shared with a neighbouring span) are OR-ed.
 void pack_span(const uint8_t* codes, int64_t n, int64_t i0, int bits, uint8_t* out) {
@@ -91,14 +113,11 @@ void pack_span(const uint8_t* codes, int64_t n, int64_t i0, int bits, uint8_t* o
   }
   uint8_t* dst = out + (i0 + j) / cpb;
   const int64_t whole = (n - j) / cpb;
-  if (bits == 8) {
-    std::copy(codes + j, codes + j + whole, dst);
-  } else {
-    for (int64_t k = 0; k < whole; ++k) {
-      uint32_t b = 0;
-      for (int c = 0; c < cpb; ++c) b |= static_cast<uint32_t>(codes[j + k * cpb + c]) << (c * bits);
-      dst[k] = static_cast<uint8_t>(b);
-    }
+  switch (bits) {
+    case 1: pack_whole_bytes<1>(codes + j, whole, dst); break;
+    case 2: pack_whole_bytes<2>(codes + j, whole, dst); break;
+    case 4: pack_whole_bytes<4>(codes + j, whole, dst); break;
+    default: std::copy(codes + j, codes + j + whole, dst);
   }
   j += whole * cpb;
   for (; j < n; ++j) {
@@ -242,18 +261,17 @@ __attribute__((target_clones("avx2", "default"))) void unpack_span(
   for (; j < n; ++j) out[j] = static_cast<T>(one(i0 + j));
 }
 
-at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& stats, int64_t bits,
-                          int64_t block_size, std::optional<double> level, c10::SymInt numel_s,
-                          at::ScalarType dtype) {
+void dequantize_into_cpu(const at::Tensor& packed, const at::Tensor& stats, int64_t bits, int64_t block_size,
+                         std::optional<double> level, const at::Tensor& out) {
   check_args(bits, block_size, level.has_value());
-  const int64_t numel = numel_s.expect_int();
-  check_dequantize_inputs(packed, stats, bits, block_size, numel, dtype);
-  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  const int64_t numel = out.numel();
+  check_dequantize_inputs(packed, stats, bits, block_size, numel, out.scalar_type());
+  check_out(out, packed, numel, out.scalar_type());
   Grid g;
   make_grid(&g, static_cast<int>(bits), level.has_value(), level.value_or(0.0));
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(stats.const_data_ptr<at::BFloat16>());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "exactq_dequantize", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "exactq_dequantize", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     for_each_block_parallel(numel, block_size, g.bits, [&](int64_t b, int64_t begin, int64_t end) {
       const float lo = bf16_to_float(sp[2 * b]);
@@ -266,47 +284,130 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& stats, int
       });
     });
   });
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& stats, int64_t bits,
+                          int64_t block_size, std::optional<double> level, c10::SymInt numel_s,
+                          at::ScalarType dtype) {
+  at::Tensor out = at::empty({numel_s.expect_int()}, packed.options().dtype(dtype));
+  dequantize_into_cpu(packed, stats, bits, block_size, level, out);
   return out;
 }
 
-__attribute__((target_clones("avx2", "default"))) void pack_mask_range(const bool* m, int64_t begin,
-                                                                        int64_t end, int64_t numel,
+// Bit c of byte k is element 8k + c. A bool input is its own mask; a floating input gives x != 0 (NaN
+// counts as non-zero) or, with `positive`, x > 0. Compared in the input's own type (a tiny double
+// must not round to zero on the way).
+template <typename T>
+inline bool mask_bit(T v, bool positive) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return v;
+  } else {
+    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    const Acc a = static_cast<Acc>(v);
+    return positive ? a > Acc(0) : a != Acc(0);
+  }
+}
+
+#if defined(__x86_64__)
+// float32 input: eight compares and one movemask per output byte.
+__attribute__((target("avx2"))) int64_t pack_mask_float_avx2(const float* x, int64_t b0, int64_t b1,
+                                                             bool positive, uint8_t* out) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t k = b0; k < b1; ++k) {
+    const __m256 v = _mm256_loadu_ps(x + 8 * k);
+    const __m256 m = positive ? _mm256_cmp_ps(v, zero, _CMP_GT_OQ) : _mm256_cmp_ps(v, zero, _CMP_NEQ_UQ);
+    out[k] = static_cast<uint8_t>(_mm256_movemask_ps(m));
+  }
+  return b1;
+}
+#endif
+
+// Packs bytes [b0, b1) of the output.
+template <typename T>
+__attribute__((target_clones("avx2", "default"))) void pack_mask_range(const T* x, int64_t b0, int64_t b1,
+                                                                        int64_t numel, bool positive,
                                                                         uint8_t* out) {
-  for (int64_t k = begin; k < end; ++k) {
+  const int64_t whole = std::min(b1, numel / 8);  // bytes with all eight elements present
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx2() && b0 < whole) b0 = pack_mask_float_avx2(x, b0, whole, positive, out);
+  }
+#endif
+  for (int64_t k = b0; k < b1; ++k) {
     uint32_t b = 0;
     const int64_t base = k * 8;
-    if (base + 8 <= numel) {
-      for (int c = 0; c < 8; ++c) b |= static_cast<uint32_t>(m[base + c]) << c;
-    } else {
-      for (int c = 0; base + c < numel; ++c) b |= static_cast<uint32_t>(m[base + c]) << c;
-    }
+    const int c_end = static_cast<int>(std::min<int64_t>(8, numel - base));
+    for (int c = 0; c < c_end; ++c) b |= static_cast<uint32_t>(mask_bit(x[base + c], positive)) << c;
     out[k] = static_cast<uint8_t>(b);
   }
 }
 
-at::Tensor pack_mask_cpu(const at::Tensor& mask) {
-  check_pack_mask_input(mask);
-  const at::Tensor m = mask.contiguous();
-  const int64_t numel = m.numel();
+at::Tensor pack_mask_cpu(const at::Tensor& input, bool positive) {
+  check_pack_mask_input(input);
+  const at::Tensor x = input.contiguous();
+  const int64_t numel = x.numel();
   const int64_t nbytes = (numel + 7) / 8;
-  at::Tensor out = at::empty({nbytes}, m.options().dtype(at::kByte));
-  const bool* mp = m.const_data_ptr<bool>();
+  at::Tensor out = at::empty({nbytes}, x.options().dtype(at::kByte));
   uint8_t* op = out.data_ptr<uint8_t>();
-  at::parallel_for(0, nbytes, kGrainElements / 8, [&](int64_t b0, int64_t b1) {
-    pack_mask_range(mp, b0, b1, numel, op);
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "exactq_pack_mask", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, nbytes, kGrainElements / 8, [&](int64_t b0, int64_t b1) {
+      pack_mask_range<scalar_t>(xp, b0, b1, numel, positive, op);
+    });
   });
   return out;
 }
 
-at::Tensor unpack_mask_cpu(const at::Tensor& packed, c10::SymInt numel_s) {
-  const int64_t numel = numel_s.expect_int();
-  check_unpack_mask_inputs(packed, numel);
-  at::Tensor out = at::empty({numel}, packed.options().dtype(at::kBool));
+#if defined(__x86_64__)
+// float32 output: each byte becomes eight lanes, all-ones where the bit is set, AND-ed with the value.
+__attribute__((target("avx2"))) int64_t unpack_mask_float_avx2(const uint8_t* p, int64_t b0, int64_t b1,
+                                                               float value, float* out) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 v = _mm256_set1_ps(value);
+  for (int64_t k = b0; k < b1; ++k) {
+    const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(p[k]), bit), bit);
+    _mm256_storeu_ps(out + 8 * k, _mm256_and_ps(_mm256_castsi256_ps(m), v));
+  }
+  return b1;
+}
+#endif
+
+// Unpacks the elements of bytes [b0, b1): bit set -> value, else 0 (for bool, the bit itself).
+template <typename T>
+__attribute__((target_clones("avx2", "default"))) void unpack_mask_range(const uint8_t* p, int64_t b0,
+                                                                          int64_t b1, int64_t numel,
+                                                                          T value, T* out) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t whole = std::min(b1, numel / 8);
+    if (has_avx2() && b0 < whole) b0 = unpack_mask_float_avx2(p, b0, whole, value, out);
+  }
+#endif
+  for (int64_t k = b0; k < b1; ++k) {
+    const uint32_t b = p[k];
+    const int c_end = static_cast<int>(std::min<int64_t>(8, numel - k * 8));
+    for (int c = 0; c < c_end; ++c) out[k * 8 + c] = ((b >> c) & 1u) ? value : T(0);
+  }
+}
+
+void unpack_mask_into_cpu(const at::Tensor& packed, const std::optional<at::Tensor>& value, const at::Tensor& out) {
+  const int64_t numel = out.numel();
+  check_unpack_mask_inputs(packed, numel, value);
+  check_out(out, packed, numel, value.has_value() ? value->scalar_type() : at::kBool);
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
-  bool* op = out.data_ptr<bool>();
-  at::parallel_for(0, numel, kGrainElements, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) op[i] = (pp[i >> 3] >> (i & 7)) & 1;
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, out.scalar_type(), "exactq_unpack_mask", [&] {
+    const scalar_t v = value.has_value() ? value->item<scalar_t>() : scalar_t(1);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, (numel + 7) / 8, kGrainElements / 8, [&](int64_t b0, int64_t b1) {
+      unpack_mask_range<scalar_t>(pp, b0, b1, numel, v, op);
+    });
   });
+}
+
+at::Tensor unpack_mask_cpu(const at::Tensor& packed, c10::SymInt numel_s, const std::optional<at::Tensor>& value) {
+  const at::ScalarType dtype = value.has_value() ? value->scalar_type() : at::kBool;
+  at::Tensor out = at::empty({numel_s.expect_int()}, packed.options().dtype(dtype));
+  unpack_mask_into_cpu(packed, value, out);
   return out;
 }
 
@@ -315,8 +416,10 @@ at::Tensor unpack_mask_cpu(const at::Tensor& packed, c10::SymInt numel_s) {
 TORCH_LIBRARY_IMPL(exactq, CPU, m) {
   m.impl("quantize", &quantize_cpu);
   m.impl("dequantize", &dequantize_cpu);
+  m.impl("dequantize_into", &dequantize_into_cpu);
   m.impl("pack_mask", &pack_mask_cpu);
   m.impl("unpack_mask", &unpack_mask_cpu);
+  m.impl("unpack_mask_into", &unpack_mask_into_cpu);
 }
 
 }  // namespace cpu

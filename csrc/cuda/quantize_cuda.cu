@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../checks.h"
 #include "../common.h"
@@ -143,20 +144,38 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(
   }
 }
 
-__global__ void pack_mask_kernel(const bool* __restrict__ m, int64_t numel, uint8_t* __restrict__ out) {
+// Same bit rule as the CPU kernel and the reference: bool as is; floating x != 0 or, with positive, x > 0.
+template <typename T>
+__device__ __forceinline__ bool mask_bit(T v, bool positive) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return v;
+  } else {
+    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    const Acc a = static_cast<Acc>(v);
+    return positive ? a > Acc(0) : a != Acc(0);
+  }
+}
+
+template <typename T>
+__global__ void pack_mask_kernel(const T* __restrict__ x, int64_t numel, bool positive, uint8_t* __restrict__ out) {
   const int64_t nbytes = (numel + 7) / 8;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nbytes;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     uint32_t b = 0;
-    for (int c = 0; c < 8 && k * 8 + c < numel; ++c) b |= static_cast<uint32_t>(m[k * 8 + c]) << c;
+    for (int c = 0; c < 8 && k * 8 + c < numel; ++c) b |= static_cast<uint32_t>(mask_bit(x[k * 8 + c], positive)) << c;
     out[k] = static_cast<uint8_t>(b);
   }
 }
 
-__global__ void unpack_mask_kernel(const uint8_t* __restrict__ packed, int64_t numel, bool* __restrict__ out) {
+// value: a device pointer to one element (read on the device, so no host synchronisation), or
+// nullptr for a bool output.
+template <typename T>
+__global__ void unpack_mask_kernel(const uint8_t* __restrict__ packed, int64_t numel, const T* __restrict__ value,
+                                   T* __restrict__ out) {
+  const T v = value != nullptr ? *value : T(1);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = (packed[i >> 3] >> (i & 7)) & 1;
+    out[i] = ((packed[i >> 3] >> (i & 7)) & 1) ? v : T(0);
   }
 }
 
@@ -197,53 +216,70 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& input, int64_
   return {packed, stats};
 }
 
-at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& stats, int64_t bits,
-                           int64_t block_size, std::optional<double> level, c10::SymInt numel_s,
-                           at::ScalarType dtype) {
+void dequantize_into_cuda(const at::Tensor& packed, const at::Tensor& stats, int64_t bits, int64_t block_size,
+                          std::optional<double> level, const at::Tensor& out) {
   check_args(bits, block_size, level.has_value());
-  const int64_t numel = numel_s.expect_int();
-  check_dequantize_inputs(packed, stats, bits, block_size, numel, dtype);
+  const int64_t numel = out.numel();
+  check_dequantize_inputs(packed, stats, bits, block_size, numel, out.scalar_type());
+  check_out(out, packed, numel, out.scalar_type());
+  if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(packed.device());
-  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
-  if (numel == 0) return out;
   Grid g;
   make_grid(&g, static_cast<int>(bits), level.has_value(), level.value_or(0.0));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(stats.const_data_ptr<at::BFloat16>());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "exactq_dequantize_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "exactq_dequantize_cuda", [&] {
     dequantize_kernel<scalar_t><<<grid_for((numel + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
         pp, sp, numel, block_size, g, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& stats, int64_t bits,
+                           int64_t block_size, std::optional<double> level, c10::SymInt numel_s,
+                           at::ScalarType dtype) {
+  at::Tensor out = at::empty({numel_s.expect_int()}, packed.options().dtype(dtype));
+  dequantize_into_cuda(packed, stats, bits, block_size, level, out);
+  return out;
+}
+
+at::Tensor pack_mask_cuda(const at::Tensor& input, bool positive) {
+  check_pack_mask_input(input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous();
+  const int64_t numel = x.numel();
+  const int64_t nbytes = (numel + 7) / 8;
+  at::Tensor out = at::empty({nbytes}, x.options().dtype(at::kByte));
+  if (nbytes == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "exactq_pack_mask_cuda", [&] {
+    pack_mask_kernel<scalar_t><<<grid_for((nbytes + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), numel, positive, out.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-at::Tensor pack_mask_cuda(const at::Tensor& mask) {
-  check_pack_mask_input(mask);
-  const c10::cuda::CUDAGuard guard(mask.device());
-  const at::Tensor m = mask.contiguous();
-  const int64_t numel = m.numel();
-  const int64_t nbytes = (numel + 7) / 8;
-  at::Tensor out = at::empty({nbytes}, m.options().dtype(at::kByte));
-  if (nbytes == 0) return out;
-  pack_mask_kernel<<<grid_for((nbytes + kThreads - 1) / kThreads), kThreads, 0,
-                     c10::cuda::getCurrentCUDAStream()>>>(m.const_data_ptr<bool>(), numel,
-                                                          out.data_ptr<uint8_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+void unpack_mask_into_cuda(const at::Tensor& packed, const std::optional<at::Tensor>& value, const at::Tensor& out) {
+  const int64_t numel = out.numel();
+  check_unpack_mask_inputs(packed, numel, value);
+  check_out(out, packed, numel, value.has_value() ? value->scalar_type() : at::kBool);
+  if (numel == 0) return;
+  const c10::cuda::CUDAGuard guard(packed.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, out.scalar_type(), "exactq_unpack_mask_cuda", [&] {
+    const scalar_t* vp = value.has_value() ? value->const_data_ptr<scalar_t>() : nullptr;
+    unpack_mask_kernel<scalar_t><<<grid_for((numel + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        packed.const_data_ptr<uint8_t>(), numel, vp, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
-at::Tensor unpack_mask_cuda(const at::Tensor& packed, c10::SymInt numel_s) {
-  const int64_t numel = numel_s.expect_int();
-  check_unpack_mask_inputs(packed, numel);
-  const c10::cuda::CUDAGuard guard(packed.device());
-  at::Tensor out = at::empty({numel}, packed.options().dtype(at::kBool));
-  if (numel == 0) return out;
-  unpack_mask_kernel<<<grid_for((numel + kThreads - 1) / kThreads), kThreads, 0,
-                       c10::cuda::getCurrentCUDAStream()>>>(packed.const_data_ptr<uint8_t>(), numel,
-                                                            out.data_ptr<bool>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+at::Tensor unpack_mask_cuda(const at::Tensor& packed, c10::SymInt numel_s, const std::optional<at::Tensor>& value) {
+  const at::ScalarType dtype = value.has_value() ? value->scalar_type() : at::kBool;
+  at::Tensor out = at::empty({numel_s.expect_int()}, packed.options().dtype(dtype));
+  unpack_mask_into_cuda(packed, value, out);
   return out;
 }
 
@@ -252,8 +288,10 @@ at::Tensor unpack_mask_cuda(const at::Tensor& packed, c10::SymInt numel_s) {
 TORCH_LIBRARY_IMPL(exactq, CUDA, m) {
   m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);
+  m.impl("dequantize_into", &dequantize_into_cuda);
   m.impl("pack_mask", &pack_mask_cuda);
   m.impl("unpack_mask", &unpack_mask_cuda);
+  m.impl("unpack_mask_into", &unpack_mask_into_cuda);
 }
 
 }  // namespace cuda
