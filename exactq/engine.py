@@ -8,6 +8,7 @@ Two pieces work together while a session is active:
   activations rather than inputs.
 * ``HookEngine.pack`` / ``unpack``, installed with ``torch.autograd.graph.saved_tensors_hooks``,
   apply the policy (see ``HookEngine.pack``) and keep a :class:`~exactq.report.Record` per tensor.
+  On CPU, large restores are written into buffers reused within the backward pass (``_RestoreBuffers``).
 
 Pitfalls handled (REFERENCE.md section 5): with hooks PyTorch no longer checks in-place changes
 of saved tensors, so unpack checks the version itself; unpack may run many times, so nothing is

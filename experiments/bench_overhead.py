@@ -5,16 +5,15 @@
 ogbn-arxiv-shaped graph, GraphSAGE and GCN with 3 x 128 and 3 x 256 (batch norm, dropout 0.5), sparse
 adjacency. Configurations run round-robin, one training epoch (forward + backward + Adam step) at a time,
 so drifts in machine speed hit all alike; the median over epochs after a warm-up is reported as a ratio
-to fp32. --profile prints cProfile's top functions of a compressed epoch.
+to fp32. --profile also profiles one fp32 and one INT2 epoch of each model with torch.profiler and writes
+the ops whose self CPU time grows most (INT2 minus fp32) to results/bench_overhead_profile[_quick].txt.
 """
 from __future__ import annotations
 
-import cProfile
 import contextlib
-import io
-import pstats
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,24 @@ def epoch(model, opt, data, cfg) -> float:
     return time.perf_counter() - t0
 
 
+def profile_diff(models, opts, data, top: int = 15) -> str:
+    """Self CPU time per op of one fp32 and one INT2 epoch, largest INT2 - fp32 differences first."""
+    times = {}
+    for k in ("fp32", "INT2"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            epoch(models[k], opts[k], data, CONFIGS[k])
+        times[k] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
+    keys = sorted(set(times["fp32"]) | set(times["INT2"]),
+                  key=lambda op: times["fp32"].get(op, (0, 0))[0] - times["INT2"].get(op, (0, 0))[0])
+    lines = [f"{'op':<46} {'fp32 ms':>9} {'INT2 ms':>9} {'diff ms':>9}  calls fp32/INT2"]
+    for op in keys[:top]:
+        (a, na), (b, nb) = times["fp32"].get(op, (0.0, 0)), times["INT2"].get(op, (0.0, 0))
+        lines.append(f"{op[:46]:<46} {a:9.1f} {b:9.1f} {b - a:9.1f}  {na}/{nb}")
+    total = {k: sum(v[0] for v in t.values()) for k, t in times.items()}
+    lines.append(f"{'total self CPU':<46} {total['fp32']:9.1f} {total['INT2']:9.1f} {total['INT2'] - total['fp32']:9.1f}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--epochs", type=int, default=7)
@@ -46,7 +63,7 @@ def main(argv=None):
     apply_threads(args)
     data = paper_graph("ogbn-arxiv", scale=0.05 if args.quick else 1.0, signal=0.2)
     cases = [("sage", 128), ("gcn", 128)] if args.quick else [("sage", 128), ("gcn", 128), ("sage", 256), ("gcn", 256)]
-    rows = []
+    rows, profiles = [], []
     with Timer() as timer:
         for name, hidden in cases:
             torch.manual_seed(0)
@@ -67,14 +84,12 @@ def main(argv=None):
                              "ratio_vs_fp32": med / base, "epochs_timed": len(times[k])})
                 print(f"{name} 3x{hidden} {k:>12}: {med:.3f} s/epoch, {med / base:.3f}x fp32")
             if args.profile:
-                prof = cProfile.Profile()
-                prof.enable()
-                epoch(models["INT2"], opts["INT2"], data, CONFIGS["INT2"])
-                prof.disable()
-                s = io.StringIO()
-                pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
-                print(s.getvalue())
+                profiles.append(f"## {name} 3x{hidden}\n{profile_diff(models, opts, data)}\n")
+                print(profiles[-1])
     stem = "bench_overhead" + ("_quick" if args.quick else "")
+    if profiles:
+        header = f"One epoch per config, torch.profiler self CPU time per op; command: `{command_line()}`\n\n"
+        (Path(args.out) / f"{stem}_profile.txt").write_text(header + "\n".join(profiles))
     note = "Median epoch time (s) after warm-up, configurations interleaved epoch by epoch in one process."
     print(write_results(args.out, stem, rows, note, command_line(), timer.seconds).read_text())
 

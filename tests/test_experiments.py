@@ -56,11 +56,13 @@ def test_accuracy_quick(tmp_path):
 
 
 def test_bench_overhead_quick(tmp_path):
-    out = _run("bench_overhead.py", tmp_path, "--epochs", "2", "--warmup", "1")
+    out = _run("bench_overhead.py", tmp_path, "--epochs", "2", "--warmup", "1", "--profile")
     rows = _rows(tmp_path / "bench_overhead_quick.csv")
     assert {r["config"] for r in rows} == {"fp32", "INT2", "INT2 D/R=8"}
     assert all(float(r["ratio_vs_fp32"]) > 0 for r in rows)
     assert "x fp32" in out
+    profile = (tmp_path / "bench_overhead_quick_profile.txt").read_text()
+    assert "exactq::quantize" in profile and "## sage 3x128" in profile
 
 
 def test_scale_products_quick(tmp_path):
