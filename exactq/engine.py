@@ -180,7 +180,7 @@ class _RestoreBuffers:
     per 4 KiB on first touch, as long as the restore itself takes; so large restores (>= ``min_bytes``)
     are written into buffers kept here. A buffer is free again once no tensor but the pool references
     its storage (its storage's use count is 1), so a restored tensor that autograd keeps (e.g. as a
-    gradient) is never overwritten. Free buffers beyond twice the largest request are dropped. The
+    gradient) is never overwritten. Free buffers beyond the largest request's size are dropped. The
     pool is held only by the packed tensors, so it is freed with the graph. CUDA has its caching
     allocator and gets ``None`` (the op allocates).
     """
@@ -204,7 +204,7 @@ class _RestoreBuffers:
             self._bufs.append(buf)
         spare = sum(b.nbytes() for b in free if b is not buf)
         for b in free:  # oldest first
-            if spare <= 2 * self._largest:
+            if spare <= self._largest:
                 break
             if b is not buf:
                 self._bufs.remove(b)
