@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define EXACTQ_HD __host__ __device__ __forceinline__
@@ -195,6 +196,20 @@ EXACTQ_HD uint32_t round_code(const RoundParams p, float x, float lo, float rang
   }
   const uint32_t code = j + static_cast<uint32_t>(u < frac);
   return code > p.top ? p.top : code;
+}
+
+// The bit pack_mask stores for one element: a bool as is; a floating value x != 0 (NaN counts as
+// non-zero) or, with `positive`, x > 0. Compared in the value's own precision (a tiny double must not
+// round to zero on the way; half and bfloat16 widen to float exactly).
+template <typename T>
+EXACTQ_HD bool mask_bit(T v, bool positive) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return v;
+  } else {
+    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    const Acc a = static_cast<Acc>(v);
+    return positive ? a > Acc(0) : a != Acc(0);
+  }
 }
 
 // Number of consecutive blocks that together end on a byte boundary of the packed codes, so that

@@ -294,20 +294,6 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& stats, int
   return out;
 }
 
-// Bit c of byte k is element 8k + c. A bool input is its own mask; a floating input gives x != 0 (NaN
-// counts as non-zero) or, with `positive`, x > 0. Compared in the input's own type (a tiny double
-// must not round to zero on the way).
-template <typename T>
-inline bool mask_bit(T v, bool positive) {
-  if constexpr (std::is_same_v<T, bool>) {
-    return v;
-  } else {
-    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    const Acc a = static_cast<Acc>(v);
-    return positive ? a > Acc(0) : a != Acc(0);
-  }
-}
-
 #if defined(__x86_64__)
 // float32 input: eight compares and one movemask per output byte.
 __attribute__((target("avx2"))) int64_t pack_mask_float_avx2(const float* x, int64_t b0, int64_t b1,

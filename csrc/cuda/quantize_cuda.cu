@@ -144,18 +144,6 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(
   }
 }
 
-// Same bit rule as the CPU kernel and the reference: bool as is; floating x != 0 or, with positive, x > 0.
-template <typename T>
-__device__ __forceinline__ bool mask_bit(T v, bool positive) {
-  if constexpr (std::is_same_v<T, bool>) {
-    return v;
-  } else {
-    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    const Acc a = static_cast<Acc>(v);
-    return positive ? a > Acc(0) : a != Acc(0);
-  }
-}
-
 template <typename T>
 __global__ void pack_mask_kernel(const T* __restrict__ x, int64_t numel, bool positive, uint8_t* __restrict__ out) {
   const int64_t nbytes = (numel + 7) / 8;
