@@ -75,8 +75,10 @@ template <typename T, bool NU>
 __attribute__((target_clones("avx2", "default"))) void round_span(
     const T* __restrict x, int64_t n, const RoundParams p, float lo, float range, RngKeys keys,
     uint32_t key_hi, uint32_t index_lo, uint8_t* __restrict codes) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float u = uniform_lo(keys, key_hi, index_lo + static_cast<uint32_t>(j));
+  // A 32-bit counter (n <= kSpan) keeps the index arithmetic in 32-bit lanes when vectorised.
+  const uint32_t n32 = static_cast<uint32_t>(n);
+  for (uint32_t j = 0; j < n32; ++j) {
+    const float u = uniform_lo(keys, key_hi, index_lo + j);
     codes[j] = static_cast<uint8_t>(round_code<NU>(p, static_cast<float>(x[j]), lo, range, u));
   }
 }
