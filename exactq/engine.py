@@ -177,24 +177,26 @@ class _RestoreBuffers:
     """CPU memory for restored activations, reused within one backward pass.
 
     A restored tensor lives only while its backward node runs. Fresh memory for it costs a page fault
-    per 4 KiB on first touch, as long as the restore itself takes; so large restores (>= ``min_bytes``)
-    are written into buffers kept here. A buffer is free again once no tensor but the pool references
-    its storage (its storage's use count is 1), so a restored tensor that autograd keeps (e.g. as a
-    gradient) is never overwritten. Free buffers beyond the largest request's size are dropped. The
-    pool is held only by the packed tensors, so it is freed with the graph. CUDA has its caching
-    allocator and gets ``None`` (the op allocates).
+    per 4 KiB on first touch, as long as the restore itself takes; so restores of ``min_bytes`` to
+    ``max_bytes`` are written into buffers kept here. A buffer is free again once no tensor but the pool
+    references its storage (its storage's use count is 1), so a restored tensor that autograd keeps
+    (e.g. as a gradient) is never overwritten. Free buffers beyond the largest request's size are
+    dropped, so the backward's peak grows by at most ``max_bytes`` (larger restores allocate as usual:
+    a spare buffer of gigabytes costs more memory than its page faults cost time). The pool is held
+    only by the packed tensors, so it is freed with the graph. CUDA has its caching allocator and gets
+    ``None`` (the op allocates).
     """
 
     _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
-    def __init__(self, min_bytes: int = 1 << 20) -> None:
-        self.min_bytes = min_bytes
+    def __init__(self, min_bytes: int = 1 << 20, max_bytes: int = 256 << 20) -> None:
+        self.min_bytes, self.max_bytes = min_bytes, max_bytes
         self._bufs: List[torch.UntypedStorage] = []
         self._largest = 0
 
     def empty(self, numel: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
         nbytes = numel * dtype.itemsize
-        if device.type != "cpu" or nbytes < self.min_bytes or self._use_count is None:
+        if device.type != "cpu" or not self.min_bytes <= nbytes <= self.max_bytes or self._use_count is None:
             return None
         self._largest = max(self._largest, nbytes)
         free = [b for b in self._bufs if self._use_count(b._cdata) == 1]

@@ -251,6 +251,7 @@ def test_restore_buffers_are_reused_only_once_free():
     assert d.data_ptr() == ptr_a and d.shape == (600,)
     assert pool.empty(1000, torch.float16, cpu).data_ptr() not in {ptr_a, b.data_ptr(), c.data_ptr()}
     assert pool.empty(10, torch.float32, cpu) is None  # small: malloc reuses its own free lists
+    assert pool.empty(1 << 30, torch.float32, cpu) is None  # beyond max_bytes: a spare would cost memory
     assert pool.empty(1000, torch.float32, torch.device("meta")) is None  # not CPU: the allocator caches
 
 
