@@ -70,6 +70,7 @@ class RunResult:
     test_at_best_val: float
     epoch_times: List[float] = field(default_factory=list)
     losses: List[float] = field(default_factory=list)
+    test_curve: List[float] = field(default_factory=list)  # test_at_best_val after each epoch
     report: Optional[MemoryReport] = None
     activation_bytes: Optional[int] = None  # measured: live bytes after forward minus the output
 
@@ -118,4 +119,5 @@ def train(model: torch.nn.Module, data: Data, config: Optional[Config], *, epoch
         val = _accuracy(logits, data.y, data.val_mask)
         if val >= result.best_val:
             result.best_val, result.test_at_best_val = val, _accuracy(logits, data.y, data.test_mask)
+        result.test_curve.append(result.test_at_best_val)
     return result

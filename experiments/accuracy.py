@@ -8,6 +8,11 @@ signal 1.0), GraphSAGE 3 x 128 with batch norm, 12 epochs (seconds each on 2 cor
 EXACT-style per-row INT2 (uniform levels); block-wise INT2 (256 elements) with uniform, non-uniform
 everywhere, and auto levels; each INT2 variant with and without random projection (D/R = 8; on the
 arxiv-scale graph block-wise only). Writes experiments/results/accuracy{,_quick}[_GRAPHS].{md,csv,png}.
+
+Projection slows convergence (the weight gradients get noisier), so the projected variants also have a
+longer run that reports several epoch budgets from the same training runs:
+
+    python experiments/accuracy.py --graphs arxiv --projected-only --arxiv-epochs 12 20 30 40
 """
 from __future__ import annotations
 
@@ -37,7 +42,10 @@ def variants(with_rp: bool):
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--arxiv-epochs", type=int, default=12)
+    p.add_argument("--arxiv-epochs", type=int, nargs="+", default=[12],
+                   help="epochs on the arxiv-scale graph; several values report each from the same runs")
+    p.add_argument("--projected-only", action="store_true",
+                   help="arxiv-scale graph: only fp32 and the D/R=8 variants (results suffix _projected)")
     p.add_argument("--arxiv-signal", type=float, default=1.0,
                    help="class signal of the CSBM features (0.2: barely learnable in a few epochs)")
     p.add_argument("--graphs", choices=["all", "planetoid", "arxiv"], default="all",
@@ -50,33 +58,37 @@ def main(argv=None):
         for name in ("Cora",) if args.quick else ("Cora", "CiteSeer"):
             data = with_sparse_adjacency(load_planetoid(name))
             for model in ("gcn",) if args.quick else ("gcn", "sage"):
-                jobs.append((name, data, model, 2, 64, None, 30 if args.quick else 100, variants(not args.quick)))
+                jobs.append((name, data, model, 2, 64, None, [30 if args.quick else 100], variants(not args.quick)))
     if args.graphs in ("all", "arxiv"):
         arxiv = paper_graph("ogbn-arxiv", scale=0.02 if args.quick else 1.0, signal=args.arxiv_signal)
         # At arxiv scale an epoch takes seconds on 2 cores: per-row only without projection.
         keep = ("fp32", "per-row INT2 uniform", "block INT2 uniform", "block INT2 non-uniform", "block INT2 auto",
                 "block INT2 uniform, D/R=8", "block INT2 non-uniform, D/R=8")
+        keep = keep[:1] + keep[-2:] if args.projected_only else keep
         arxiv_variants = {k: v for k, v in variants(True).items() if k in keep}
         jobs.append(("arxiv-shaped CSBM", arxiv, "sage", 3, 128, "batch_norm",
-                     5 if args.quick else args.arxiv_epochs, arxiv_variants))
-    stem = "accuracy" + ("_quick" if args.quick else "") + ("" if args.graphs == "all" else f"_{args.graphs}")
+                     [3, 5] if args.quick else sorted(args.arxiv_epochs), arxiv_variants))
+    stem = ("accuracy" + ("_quick" if args.quick else "") + ("" if args.graphs == "all" else f"_{args.graphs}")
+            + ("_projected" if args.projected_only else ""))
     note = "Test accuracy (%) at the epoch of best validation accuracy; mean and std over seeds."
     rows = []
     with Timer() as timer:
-        for name, data, model, layers, hidden, norm, epochs, vs in jobs:
+        for name, data, model, layers, hidden, norm, checkpoints, vs in jobs:
             classes = int(data.y.max()) + 1
-            fp32_mean = None
+            fp32_mean = {}
             for label, cfg in tqdm(vs.items(), desc=f"{name} {model}", leave=False):
-                accs = []
+                curves = []
                 for seed in seeds:
                     torch.manual_seed(seed)
                     net = build_model(model, data.num_features, hidden, classes, layers, norm=norm)
-                    accs.append(100 * train(net, data, cfg, epochs=epochs, measure_memory=False).test_at_best_val)
-                mean, std = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
-                fp32_mean = mean if cfg is None else fp32_mean
-                rows.append({"graph": name, "model": f"{model} {layers}x{hidden}", "variant": label,
-                             "test_acc_mean": mean, "test_acc_std": std, "delta_vs_fp32": mean - fp32_mean,
-                             "seeds": len(accs), "epochs": epochs})
+                    curves.append(train(net, data, cfg, epochs=checkpoints[-1], measure_memory=False).test_curve)
+                for epochs in checkpoints:  # test accuracy at the best validation epoch among the first `epochs`
+                    accs = [100 * c[epochs - 1] for c in curves]
+                    mean, std = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
+                    fp32_mean[epochs] = mean if cfg is None else fp32_mean[epochs]
+                    rows.append({"graph": name, "model": f"{model} {layers}x{hidden}", "variant": label,
+                                 "test_acc_mean": mean, "test_acc_std": std,
+                                 "delta_vs_fp32": mean - fp32_mean[epochs], "seeds": len(accs), "epochs": epochs})
             # Saved after every graph/model, so an interrupted run keeps what it finished.
             path = write_results(args.out, stem, rows, note, command_line(), timer.elapsed())
     print(path.read_text())
@@ -93,9 +105,18 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4.5), squeeze=False)
     for ax, g in zip(axes[0], groups):
         rs = [r for r in rows if (r["graph"], r["model"]) == g]
-        ax.errorbar(range(len(rs)), [r["test_acc_mean"] for r in rs], yerr=[r["test_acc_std"] for r in rs], fmt="o")
-        ax.axhline(rs[0]["test_acc_mean"], color="grey", ls=":")
-        ax.set_xticks(range(len(rs)), [r["variant"] for r in rs], rotation=80, fontsize=7)
+        checkpoints = sorted({r["epochs"] for r in rs})
+        if len(checkpoints) > 1:  # accuracy against the epoch budget, one line per variant
+            for v in dict.fromkeys(r["variant"] for r in rs):
+                vr = [r for r in rs if r["variant"] == v]
+                ax.errorbar([r["epochs"] for r in vr], [r["test_acc_mean"] for r in vr],
+                            yerr=[r["test_acc_std"] for r in vr], marker="o", capsize=3, label=v)
+            ax.set(xlabel="epochs", xticks=checkpoints)
+            ax.legend(fontsize=7)
+        else:
+            ax.errorbar(range(len(rs)), [r["test_acc_mean"] for r in rs], yerr=[r["test_acc_std"] for r in rs], fmt="o")
+            ax.axhline(rs[0]["test_acc_mean"], color="grey", ls=":")
+            ax.set_xticks(range(len(rs)), [r["variant"] for r in rs], rotation=80, fontsize=7)
         ax.set(title=f"{g[0]}, {g[1]}", ylabel="test accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

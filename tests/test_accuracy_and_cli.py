@@ -33,6 +33,14 @@ def test_int2_accuracy_within_one_point_of_fp32_on_cora(cora, model):
     assert abs(int2 - fp32) <= 0.01, f"{model}: int2 {int2:.4f} vs fp32 {fp32:.4f} (5 seeds)"
 
 
+def test_test_curve_tracks_the_best_validation_epoch(cora):
+    torch.manual_seed(0)
+    net = build_model("gcn", cora.num_features, 16, 7, 2, norm=None)
+    result = train(net, cora, exactq.Config(), epochs=6, measure_memory=False)
+    assert len(result.test_curve) == 6 and result.test_curve[-1] == result.test_at_best_val
+    assert all(0 <= a <= 1 for a in result.test_curve)
+
+
 def test_demo_runs_and_prints_the_comparison(capsys):
     assert main(["demo", "--nodes", "3000", "--epochs", "3", "--hidden", "32"]) == 0
     out = capsys.readouterr().out

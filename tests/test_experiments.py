@@ -55,6 +55,15 @@ def test_accuracy_quick(tmp_path):
         assert 0 < float(r["test_acc_mean"]) <= 100
 
 
+def test_accuracy_projected_reports_each_epoch_budget(tmp_path):
+    _run("accuracy.py", tmp_path, "--graphs", "arxiv", "--projected-only")
+    rows = _rows(tmp_path / "accuracy_quick_arxiv_projected.csv")
+    assert [(r["variant"], r["epochs"]) for r in rows] == [
+        (v, e) for v in ("fp32", "block INT2 uniform, D/R=8", "block INT2 non-uniform, D/R=8") for e in ("3", "5")]
+    assert all(float(r["delta_vs_fp32"]) == 0 for r in rows if r["variant"] == "fp32")
+    assert (tmp_path / "accuracy_quick_arxiv_projected.png").stat().st_size > 0
+
+
 def test_bench_overhead_quick(tmp_path):
     out = _run("bench_overhead.py", tmp_path, "--epochs", "2", "--warmup", "1", "--profile")
     rows = _rows(tmp_path / "bench_overhead_quick.csv")

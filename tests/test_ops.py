@@ -101,12 +101,14 @@ def test_constant_blocks_and_extremes_come_back_exactly(device, dtype, bits):
     assert torch.equal(y[x == rows_max], x[x == rows_max])
 
 
+# Blocks of 40: positions 5 and 13 fall in the two vector halves of the CPU min/max, 37 in its scalar tail.
+@pytest.mark.parametrize("pos", [5, 13, 37])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_nonfinite_block_dequantizes_nonfinite(device, dtype, bad):
-    x = _data((4, 32), dtype, device)
-    x[1, 5] = bad
-    y = exactq.dequantize(exactq.quantize(x, bits=2, block_size=32))
+def test_nonfinite_block_dequantizes_nonfinite(device, dtype, bad, pos):
+    x = _data((4, 40), dtype, device)
+    x[1, pos] = bad
+    y = exactq.dequantize(exactq.quantize(x, bits=2, block_size=40))
     assert not torch.isfinite(y[1]).any(), "a block holding a non-finite value must not come back finite"
     assert torch.isfinite(y[[0, 2, 3]]).all(), "other blocks are unaffected"
 
