@@ -51,6 +51,8 @@ def main(argv=None):
     p.add_argument("--graphs", choices=["all", "planetoid", "arxiv"], default="all",
                    help="run a part (results get a matching suffix)")
     args = p.parse_args(argv)
+    if min(args.arxiv_epochs) < 1:
+        p.error(f"--arxiv-epochs must be positive, got {args.arxiv_epochs}")
     apply_threads(args)
     seeds = range(2 if args.quick else args.seeds)
     jobs = []
