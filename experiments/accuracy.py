@@ -66,7 +66,8 @@ def main(argv=None):
         # At arxiv scale an epoch takes seconds on 2 cores: per-row only without projection.
         keep = ("fp32", "per-row INT2 uniform", "block INT2 uniform", "block INT2 non-uniform", "block INT2 auto",
                 "block INT2 uniform, D/R=8", "block INT2 non-uniform, D/R=8")
-        keep = keep[:1] + keep[-2:] if args.projected_only else keep
+        if args.projected_only:
+            keep = tuple(k for k in keep if k == "fp32" or "D/R=8" in k)
         arxiv_variants = {k: v for k, v in variants(True).items() if k in keep}
         jobs.append(("arxiv-shaped CSBM", arxiv, "sage", 3, 128, "batch_norm",
                      [3, 5] if args.quick else sorted(args.arxiv_epochs), arxiv_variants))
