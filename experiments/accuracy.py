@@ -9,10 +9,11 @@ EXACT-style per-row INT2 (uniform levels); block-wise INT2 (256 elements) with u
 everywhere, and auto levels; each INT2 variant with and without random projection (D/R = 8; on the
 arxiv-scale graph block-wise only). Writes experiments/results/accuracy{,_quick}[_GRAPHS].{md,csv,png}.
 
-Projection slows convergence (the weight gradients get noisier), so the projected variants also have a
-longer run that reports several epoch budgets from the same training runs:
+Projection slows convergence (the weight gradients get noisier) and settles about half a point lower on
+the arxiv-scale graph, so the projected variants also have a longer run that reports several epoch
+budgets from the same training runs:
 
-    python experiments/accuracy.py --graphs arxiv --projected-only --arxiv-epochs 12 20 30 40
+    python experiments/accuracy.py --graphs arxiv --projected-only --arxiv-epochs 12 20 30 40 50 60
 """
 from __future__ import annotations
 
