@@ -89,7 +89,8 @@ def main(argv=None):
                 for epochs in checkpoints:  # test accuracy at the best validation epoch among the first `epochs`
                     accs = [100 * c[epochs - 1] for c in curves]
                     mean, std = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
-                    fp32_mean[epochs] = mean if cfg is None else fp32_mean[epochs]
+                    if cfg is None:  # fp32 comes first in every variant list
+                        fp32_mean[epochs] = mean
                     rows.append({"graph": name, "model": f"{model} {layers}x{hidden}", "variant": label,
                                  "test_acc_mean": mean, "test_acc_std": std,
                                  "delta_vs_fp32": mean - fp32_mean[epochs], "seeds": len(accs), "epochs": epochs})
