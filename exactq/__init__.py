@@ -3,7 +3,7 @@ full-batch GNN training.
 
 Layers, bottom up: ``csrc/`` kernels -> :mod:`exactq._ops` (op schemas, fake impls) ->
 :mod:`exactq.reference` (plain-PyTorch specification of every op) -> :mod:`exactq.functional`
-(quantize / dequantize / pack_mask) -> hook engine -> user API.
+(quantize / dequantize / pack_mask / random_project) -> hook engine -> user API.
 """
 from . import _ops  # noqa: F401  (defines the torch.library ops and loads the kernels)
 from .functional import (
@@ -13,6 +13,8 @@ from .functional import (
     dequantize,
     pack_mask,
     quantize,
+    random_project,
+    random_unproject,
     unpack_mask,
 )
 from .levels import int2_levels
@@ -39,5 +41,7 @@ __all__ = [
     "int2_levels",
     "pack_mask",
     "quantize",
+    "random_project",
+    "random_unproject",
     "unpack_mask",
 ]

@@ -28,7 +28,9 @@ class Config:
             levels cut the rounding error by 15-25% on those, but raise it by 5-18% on post-ReLU /
             dropout tensors, whose values pile up at the block minimum.
         rp_ratio: random projection before quantizing tensors that a linear op consumes, keeping this
-            fraction of the last dimension (one of 1/8, 1/4, 1/2, 1); ``None`` means off.
+            fraction of the last dimension (one of 1/8, 1/4, 1/2, 1); ``None`` means off. Rows get
+            independent random signs in groups (:func:`exactq.random_project`), so the projection error
+            of a weight gradient averages out over rows; only a seed is stored besides the codes.
         min_numel: saved tensors with fewer elements are kept as they are.
         seed: base seed of the stochastic rounding and projections; ``None`` draws from torch's
             default generator, so ``torch.manual_seed`` makes runs reproducible.

@@ -227,7 +227,6 @@ class HookEngine:
         # (plus the storage kind) weak references to packed copies that identical saves can share.
         self._counted = _StorageKeyed()
         self._shared = _StorageKeyed()
-        self._projections: Dict[tuple, torch.Tensor] = {}
         self._buffers_ref: Callable[[], Optional[_RestoreBuffers]] = lambda: None
 
     def _buffers(self) -> _RestoreBuffers:
@@ -317,20 +316,9 @@ class HookEngine:
         nonuniform = self.config.nonuniform_for(normal_like)
         return EF.quantize(t, self.config.bits, block_size, nonuniform, self._next_seed())
 
-    def _projection(self, d: int, r: int, t: torch.Tensor) -> torch.Tensor:
-        """Rademacher matrix (d x r) with entries +-1/sqrt(r), so E[P P^T] = I; one per session and shape."""
-        key = (d, r, t.dtype, t.device)
-        p = self._projections.get(key)
-        if p is None:
-            g = torch.Generator().manual_seed((self._seed ^ (d * 1_000_003 + r)) % (2**63 - 1))
-            signs = torch.randint(0, 2, (d, r), generator=g, dtype=torch.int8) * 2 - 1
-            p = (signs.to(torch.float32) / math.sqrt(r)).to(device=t.device, dtype=t.dtype)
-            self._projections[key] = p
-        return p
-
-    def _project(self, t: torch.Tensor, r: int) -> Tuple[EF.QuantizedTensor, torch.Tensor, torch.Size]:
-        p = self._projection(t.shape[-1], r, t)
-        return self._quantize(t.reshape(-1, t.shape[-1]) @ p, normal_like=True), p, t.shape
+    def _project(self, t: torch.Tensor, r: int) -> Tuple[EF.QuantizedTensor, int, torch.Size]:
+        seed = self._next_seed()  # the projection is drawn again from it in backward: nothing else stored
+        return self._quantize(EF.random_project(t, r, seed), normal_like=True), seed, t.shape
 
     def _restore(self, fn: Callable[[_RestoreBuffers, Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
         return functools.partial(fn, self._buffers())
@@ -411,18 +399,16 @@ def _dequantize(pool: _RestoreBuffers, q: EF.QuantizedTensor) -> torch.Tensor:
     return EF.dequantize(q, out=pool.empty(q.numel, q.dtype, q.packed.device))
 
 
-def _unproject(pool: _RestoreBuffers, payload) -> torch.Tensor:
-    q, p, shape = payload
-    x = EF.dequantize(q)  # r columns: small
-    out = pool.empty(x.shape[0] * p.shape[0], x.dtype, x.device)
-    if out is None:
-        return (x @ p.t()).view(shape)
-    return torch.mm(x, p.t(), out=out.view(x.shape[0], p.shape[0])).view(shape)
+def _unproject(pool: _RestoreBuffers, payload: Tuple[EF.QuantizedTensor, int, torch.Size]) -> torch.Tensor:
+    q, seed, shape = payload
+    y = EF.dequantize(q)  # r columns: small
+    d = shape[-1]
+    return EF.random_unproject(y, d, seed, out=pool.empty(y.shape[0] * d, y.dtype, y.device)).view(shape)
 
 
 def _payload_bytes(payload: Any) -> int:
     if isinstance(payload, EF.QuantizedTensor):
         return payload.nbytes
-    # projected: (QuantizedTensor, shared projection matrix, shape); masks: (PackedMask, value or None)
+    # projected: (QuantizedTensor, seed, shape); masks: (PackedMask, value or None)
     value = payload[1] if isinstance(payload[0], EF.PackedMask) else None
     return payload[0].nbytes + (value.nbytes if value is not None else 0)

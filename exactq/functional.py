@@ -172,6 +172,95 @@ def dequantize(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.
     return out.view(q.shape)
 
 
+# Rows that share one random sign vector in ``random_project``: enough independent groups that the
+# projection error of a weight gradient (a sum over rows) averages out, few enough that drawing the
+# signs costs little next to the product (a draw per group, not per element).
+PROJECTION_GROUP_ROWS = 16
+
+
+def _describe(t: object) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_projection_args(seed: object, group_rows: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2**63 - 1], the same for random_project and "
+                         f"random_unproject, got {seed!r}")
+    if isinstance(group_rows, bool) or not isinstance(group_rows, int) or group_rows < 1:
+        raise ValueError(f"group_rows must be an int >= 1, got {group_rows!r}")
+
+
+def _projection_parts(seed: int, rows: int, d: int, r: int, group_rows: int, dtype: torch.dtype,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The d x r Rademacher matrix (entries +-1/sqrt(r)) and the per-group signs (groups x d) of ``seed``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    p = torch.randint(0, 2, (d, r), generator=g, device=device, dtype=torch.int8)
+    signs = torch.randint(0, 2, (-(-rows // group_rows), d), generator=g, device=device, dtype=torch.int8)
+    return (p * 2 - 1).to(dtype).div_(math.sqrt(r)), (signs * 2 - 1).to(dtype)
+
+
+def _mul_group_signs(x: torch.Tensor, signs: torch.Tensor, group_rows: int, out: torch.Tensor) -> torch.Tensor:
+    """out = each row of the 2-D ``x`` times its group's row of ``signs`` (x's first row starts a
+    group); ``out`` is contiguous and may be ``x``. Broadcast views: no per-row copy of the signs."""
+    rows, d = x.shape
+    whole = rows // group_rows * group_rows
+    if whole:
+        torch.mul(x[:whole].reshape(-1, group_rows, d), signs[: whole // group_rows, None, :],
+                  out=out[:whole].view(-1, group_rows, d))
+    if whole < rows:
+        torch.mul(x[whole:], signs[whole // group_rows], out=out[whole:])
+    return out
+
+
+def random_project(x: torch.Tensor, r: int, seed: int, group_rows: int = PROJECTION_GROUP_ROWS) -> torch.Tensor:
+    """Project the rows of ``x`` (.., d) to ``r`` columns: row i becomes (x_i * s_g) @ P.
+
+    P is a d x r Rademacher matrix (entries +-1/sqrt(r)) and s_g a random sign vector shared by the
+    ``group_rows`` rows of group g = i // group_rows, both drawn from ``seed``. Every row of P has unit
+    norm, so E_s[diag(s) P P^T diag(s)] = I exactly and :func:`random_unproject` is unbiased. With
+    independent groups the error of X^T G (a weight gradient) is a sum of independent per-group errors
+    that averages out over the rows; ``group_rows >= rows`` is EXACT's single matrix for all rows, whose
+    error does not.
+
+    Returns the (rows, r) projection, rows = x.numel() // d (outside autograd: a storage form).
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() < 1:
+        raise TypeError(f"x must be a floating-point tensor with at least one dimension, got {_describe(x)}")
+    d = x.shape[-1]
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d:
+        raise ValueError(f"r must be an int in [1, {d}] (the last dimension of x), got {r!r}")
+    _check_projection_args(seed, group_rows)
+    x2 = x.detach().reshape(-1, d)
+    p, signs = _projection_parts(seed, x2.shape[0], d, r, group_rows, x.dtype, x.device)
+    out = x.new_empty(x2.shape[0], r)
+    # Whole groups, about 8 M elements at a time: the signed copy stays bounded (unless one group is
+    # larger), and smaller pieces make CPU matrix products several times slower per row.
+    step = max(1, (1 << 23) // (d * group_rows)) * group_rows
+    signed = x.new_empty(min(step, x2.shape[0]), d)
+    for start in range(0, x2.shape[0], step):
+        part = x2[start:start + step]
+        _mul_group_signs(part, signs[start // group_rows:], group_rows, signed[: part.shape[0]])
+        torch.mm(signed[: part.shape[0]], p, out=out[start:start + step])
+    return out
+
+
+def random_unproject(y: torch.Tensor, d: int, seed: int, group_rows: int = PROJECTION_GROUP_ROWS,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Undo :func:`random_project` (same ``seed`` and ``group_rows``) in expectation: (y_i @ P^T) * s_g,
+    an unbiased estimate of x_i, as a (rows, d) tensor; with ``out`` (contiguous, y's dtype and device,
+    rows * d elements), written into it."""
+    if not isinstance(y, torch.Tensor) or y.dtype not in FLOAT_DTYPES or y.dim() != 2:
+        raise TypeError(f"y must be a 2-D floating-point tensor (rows, r), got {_describe(y)}")
+    rows, r = y.shape
+    if isinstance(d, bool) or not isinstance(d, int) or d < r:
+        raise ValueError(f"d must be an int >= r = {r}, got {d!r}")
+    _check_projection_args(seed, group_rows)
+    _check_out(out, rows * d, y.dtype, y.device)
+    p, signs = _projection_parts(seed, rows, d, r, group_rows, y.dtype, y.device)
+    x = torch.mm(y, p.t(), out=None if out is None else out.view(rows, d))
+    return _mul_group_signs(x, signs, group_rows, out=x)
+
+
 def pack_mask(x: torch.Tensor, positive: bool = False) -> PackedMask:
     """Store a mask losslessly at 1 bit per element.
 
@@ -221,5 +310,7 @@ __all__: Sequence[str] = (
     "dequantize",
     "pack_mask",
     "unpack_mask",
+    "random_project",
+    "random_unproject",
     "DEFAULT_BLOCK_SIZE",
 )

@@ -23,7 +23,7 @@ from common import apply_threads, Timer, command_line, paper_graph, parser, writ
 
 def capture_activations(model, data, rp_ratio=0.125):
     """The float activations one training forward saves for the ops exactq quantizes, by category:
-    batch-norm inputs, linear inputs, and linear inputs after random projection (D/R = 8)."""
+    batch-norm inputs, linear inputs, and linear inputs after exactq's random projection (D/R = 8)."""
     tracker = OpTracker()
     captured = {"batch_norm input": [], "linear input": [], "linear input, projected D/R=8": []}
 
@@ -34,10 +34,9 @@ def capture_activations(model, data, rp_ratio=0.125):
                 captured["batch_norm input"].append(t.detach().clone())
             elif name == "linear" and t.grad_fn is not None:
                 captured["linear input"].append(t.detach().clone())
-                d = t.shape[1]
-                r = max(1, int(d * rp_ratio))
-                proj = (torch.randint(0, 2, (d, r)).float() * 2 - 1) / r**0.5
-                captured["linear input, projected D/R=8"].append(t.detach() @ proj)
+                r = max(1, int(t.shape[1] * rp_ratio))
+                seed = len(captured["linear input"])
+                captured["linear input, projected D/R=8"].append(exactq.random_project(t, r, seed))
         return t
 
     model.train()

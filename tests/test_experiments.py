@@ -30,7 +30,7 @@ def test_memory_table_quick(tmp_path):
     assert mb["rows=8 D/R=8 auto"] < 0.9 * mb["rows=1 D/R=8 auto"]
     assert mb["rows=8 D/R=1 auto"] < mb["rows=1 D/R=1 auto"]
     assert mb["fp32"] / mb["256 elems D/R=1 auto"] >= 12
-    # The measured bytes agree with exactq's own report (projection matrices aside).
+    # The measured bytes agree with exactq's own report.
     for r in rows.values():
         assert float(r["report_MB"]) == pytest.approx(float(r["MB"]), rel=0.03)
     assert "less than fp32" in out
@@ -45,6 +45,19 @@ def test_block_size_quick(tmp_path):
             assert measured > 5, r  # normal-like activations: the ICASSP levels help
         if r["activations"].startswith("linear input (") and int(r["block_size"]) >= 128:
             assert measured < 0, r  # post-ReLU/dropout: they do not, hence exactq's auto policy
+
+
+def test_projection_error_quick(tmp_path):
+    _run("projection_error.py", tmp_path)
+    rows = _rows(tmp_path / "projection_error_quick.csv")
+    assert (tmp_path / "projection_error_quick.png").stat().st_size > 0
+    err = {(r["layer"], r["stored_as"]): float(r["rel_sq_error"]) for r in rows}
+    layers = {layer for layer, _ in err}
+    assert len(layers) == 5  # GraphSAGE 3 layers: every lin_l, and lin_r after the first layer
+    for layer in layers:
+        # One matrix for all rows: error (M M^T - I) X^T G, about (d + 1) / r = 8 whatever the rows.
+        assert 5 < err[layer, "D/R=8 one matrix (EXACT)"] < 12
+        assert err[layer, "INT2, no projection"] < 1
 
 
 def test_accuracy_quick(tmp_path):

@@ -167,6 +167,30 @@ def test_random_projection_applies_to_linear_inputs_and_is_unbiased(graph):
     assert _rel(torch.stack(draws).mean(0), g32) < 0.45 * single
 
 
+def test_projected_weight_gradient_error_averages_over_rows():
+    # lin2's weight gradient sums 2048 alike rows of lin1's output. Projected with one matrix for all
+    # rows its relative squared error would stay near d / r = 8; exactq's per-group signs
+    # (exactq.random_project) make it fall with the number of row groups.
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 4)
+    with torch.no_grad():
+        lin1.weight.mul_(0.1)
+        lin1.bias.fill_(1.0)
+    x = torch.randn(2048, 16)
+
+    def weight_grad(ctx):
+        lin2.zero_grad()
+        with ctx:
+            loss = lin2(lin1(x)).sum()
+        loss.backward()
+        return lin2.weight.grad.clone()
+
+    exact = weight_grad(contextlib.nullcontext())
+    errs = [float((weight_grad(exactq.compress(bits=8, rp_ratio=0.125, seed=s)) - exact).pow(2).sum()
+                  / exact.pow(2).sum()) for s in range(8)]
+    assert sum(errs) / len(errs) < 0.5
+
+
 def test_retain_graph_and_repeated_backward(graph):
     model = _model("gcn", "batch_norm", "relu", graph)
     with exactq.compress(bits=2, min_numel=0):
