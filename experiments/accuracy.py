@@ -52,6 +52,8 @@ def main(argv=None):
                    help="class signal of the CSBM features (0.2: barely learnable in a few epochs)")
     p.add_argument("--graphs", choices=["all", "planetoid", "arxiv"], default="all",
                    help="run a part (results get a matching suffix)")
+    p.add_argument("--planetoid", nargs="+", choices=["Cora", "CiteSeer"], default=["Cora", "CiteSeer"],
+                   help="which real graphs (results suffix names them unless both)")
     args = p.parse_args(argv)
     if min(args.arxiv_epochs) < 1:
         p.error(f"--arxiv-epochs must be positive, got {args.arxiv_epochs}")
@@ -63,10 +65,11 @@ def main(argv=None):
 
     jobs = []
     if args.graphs in ("all", "planetoid"):
-        for name in ("Cora",) if args.quick else ("Cora", "CiteSeer"):
+        for name in ("Cora",) if args.quick else args.planetoid:
             data = with_sparse_adjacency(load_planetoid(name))
             for model in ("gcn",) if args.quick else ("gcn", "sage"):
-                jobs.append((name, data, model, 2, 64, None, [30 if args.quick else 100], chosen(variants(not args.quick))))
+                jobs.append((name, data, model, 2, 64, None, [30 if args.quick else 100],
+                             chosen(variants(not args.quick))))
     if args.graphs in ("all", "arxiv"):
         arxiv = paper_graph("ogbn-arxiv", scale=0.02 if args.quick else 1.0, signal=args.arxiv_signal)
         # At arxiv scale an epoch takes seconds on 2 cores: per-row only without projection.
@@ -76,7 +79,8 @@ def main(argv=None):
         jobs.append(("arxiv-shaped CSBM", arxiv, "sage", 3, 128, "batch_norm",
                      [3, 5] if args.quick else sorted(args.arxiv_epochs), arxiv_variants))
     stem = ("accuracy" + ("_quick" if args.quick else "") + ("" if args.graphs == "all" else f"_{args.graphs}")
-            + ("_projected" if args.projected_only else ""))
+            + ("" if len(args.planetoid) == 2 or args.graphs == "arxiv" else f"_{args.planetoid[0]}")
+            + ("_projected" if args.projected_only else "") + (f"_{args.seeds}seeds" if args.seeds != 5 else ""))
     note = "Test accuracy (%) at the epoch of best validation accuracy; mean and std over seeds."
     rows = []
     with Timer() as timer:
