@@ -24,10 +24,14 @@ def check_bits(bits: object) -> int:
     return bits
 
 
+def check_int_at_least_one(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
 def check_block_size(block_size: object) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    return block_size
+    return check_int_at_least_one("block_size", block_size)
 
 
 def resolve_nonuniform(nonuniform: Optional[bool], bits: int) -> bool:
@@ -41,11 +45,13 @@ def resolve_nonuniform(nonuniform: Optional[bool], bits: int) -> bool:
     return nonuniform
 
 
-def check_seed(seed: Optional[int]) -> Optional[int]:
-    if seed is None:
+def check_seed(seed: Optional[int], required: bool = False) -> Optional[int]:
+    """``seed`` validated; ``None`` passes unless ``required``."""
+    if seed is None and not required:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
+        allowed = "an int" if required else "None or an int"
+        raise ValueError(f"seed must be {allowed} in [0, 2**63 - 1], got {seed!r}")
     return seed
 
 
@@ -182,14 +188,6 @@ def _describe(t: object) -> str:
     return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _check_projection_args(seed: object, group_rows: object) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2**63 - 1], the same for random_project and "
-                         f"random_unproject, got {seed!r}")
-    if isinstance(group_rows, bool) or not isinstance(group_rows, int) or group_rows < 1:
-        raise ValueError(f"group_rows must be an int >= 1, got {group_rows!r}")
-
-
 def _projection_parts(seed: int, rows: int, d: int, r: int, group_rows: int, dtype: torch.dtype,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The d x r Rademacher matrix (entries +-1/sqrt(r)) and the per-group signs (groups x d) of ``seed``."""
@@ -229,7 +227,8 @@ def random_project(x: torch.Tensor, r: int, seed: int, group_rows: int = PROJECT
     d = x.shape[-1]
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d:
         raise ValueError(f"r must be an int in [1, {d}] (the last dimension of x), got {r!r}")
-    _check_projection_args(seed, group_rows)
+    check_seed(seed, required=True)  # random_unproject draws the same projection from it
+    check_int_at_least_one("group_rows", group_rows)
     x2 = x.detach().reshape(-1, d)
     p, signs = _projection_parts(seed, x2.shape[0], d, r, group_rows, x.dtype, x.device)
     out = x.new_empty(x2.shape[0], r)
@@ -254,7 +253,8 @@ def random_unproject(y: torch.Tensor, d: int, seed: int, group_rows: int = PROJE
     rows, r = y.shape
     if isinstance(d, bool) or not isinstance(d, int) or d < r:
         raise ValueError(f"d must be an int >= r = {r}, got {d!r}")
-    _check_projection_args(seed, group_rows)
+    check_seed(seed, required=True)  # random_unproject draws the same projection from it
+    check_int_at_least_one("group_rows", group_rows)
     _check_out(out, rows * d, y.dtype, y.device)
     p, signs = _projection_parts(seed, rows, d, r, group_rows, y.dtype, y.device)
     x = torch.mm(y, p.t(), out=None if out is None else out.view(rows, d))
