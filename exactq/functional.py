@@ -213,7 +213,7 @@ def _mul_group_signs(x: torch.Tensor, signs: torch.Tensor, group_rows: int, out:
 def _chunk_rows(d: int, group_rows: int) -> int:
     """Rows per piece of a projection: whole groups of about 1 M elements (4 MiB in fp32) but at least
     1024 rows, so the signed rows are still in cache for the matrix product and the signed copy stays
-    small. Measured on CPU (experiments/bench_projection.py): projections 1.3-2.5x faster at d = 128-256
+    small. Measured on CPU (experiments/bench_projection.py): random_project up to 2x faster at d = 128-256
     than with 8 M-element pieces (whose fresh memory also costs page faults); pieces of a few hundred
     rows slow the product down."""
     return max(1, max(1024, (1 << 20) // d) // group_rows) * group_rows
