@@ -287,7 +287,7 @@ class HookEngine:
                                      self._restore(_unpack_mask))
         if self.config.rp_ratio is not None and self.config.rp_ratio < 1 and t.dim() >= 2 and _is_linear_op(op):
             d = t.shape[-1]
-            r = max(1, math.ceil(d * self.config.rp_ratio))
+            r = EF.projected_width(d, self.config.rp_ratio)
             if r < d:
                 return self._shared_pack(t, name, R.PROJECTED, lambda: self._project(t, r), self._restore(_unproject))
         normal_like = op in _NORM_OPS

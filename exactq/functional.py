@@ -184,6 +184,11 @@ def dequantize(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.
 PROJECTION_GROUP_ROWS = 16
 
 
+def projected_width(d: int, rp_ratio: float) -> int:
+    """Columns kept when a last dimension of ``d`` is projected at ``rp_ratio`` (rounded up, at least 1)."""
+    return max(1, math.ceil(d * rp_ratio))
+
+
 def _describe(t: object) -> str:
     return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -260,7 +265,7 @@ def random_unproject(y: torch.Tensor, d: int, seed: int, group_rows: int = PROJE
     rows, r = y.shape
     if isinstance(d, bool) or not isinstance(d, int) or d < r:
         raise ValueError(f"d must be an int >= r = {r}, got {d!r}")
-    check_seed(seed, required=True)  # random_unproject draws the same projection from it
+    check_seed(seed, required=True)  # the seed random_project drew the projection from
     check_int_at_least_one("group_rows", group_rows)
     _check_out(out, rows * d, y.dtype, y.device)
     p, signs = _projection_parts(seed, rows, d, r, group_rows, y.dtype, y.device)

@@ -11,7 +11,6 @@ CiteSeer's aggregated input features (3,327 x 3,703), each at D/R = 8.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
@@ -32,7 +31,7 @@ def main(argv=None) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for rows, d in SHAPES:
-        r = math.ceil(d / 8)
+        r = exactq.functional.projected_width(d, 0.125)
         x = torch.randn(rows, d, device=args.device)
         pm = torch.randn(d, r, device=args.device)
         y = exactq.random_project(x, r, seed=1)

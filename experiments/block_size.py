@@ -34,7 +34,7 @@ def capture_activations(model, data, rp_ratio=0.125):
                 captured["batch_norm input"].append(t.detach().clone())
             elif name == "linear" and t.grad_fn is not None:
                 captured["linear input"].append(t.detach().clone())
-                r = max(1, int(t.shape[1] * rp_ratio))
+                r = exactq.functional.projected_width(t.shape[1], rp_ratio)
                 seed = len(captured["linear input"])
                 captured["linear input, projected D/R=8"].append(exactq.random_project(t, r, seed))
         return t

@@ -54,7 +54,7 @@ def capture_linear_inputs_and_grads(model, data):
 def stored_forms(x, seed):
     """How X can be stored and restored: label -> restored estimate of X (one random draw)."""
     d = x.shape[1]
-    r = max(1, int(d * RP_RATIO))
+    r = exactq.functional.projected_width(d, RP_RATIO)
 
     def int2(t, nonuniform):
         return exactq.dequantize(exactq.quantize(t, bits=2, nonuniform=nonuniform, seed=seed + 1))
