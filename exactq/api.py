@@ -37,14 +37,17 @@ class CompressionSession(contextlib.ContextDecorator):
         self._engine = HookEngine(self.config, tracker, seed)
         with contextlib.ExitStack() as stack:
             stack.enter_context(tracker)
-            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._engine.pack, HookEngine.unpack))
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._engine.pack, self._engine.unpack))
             self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         stack, self._stack = self._stack, None
         if stack is not None:
-            stack.close()
+            try:
+                self._engine.finish()
+            finally:
+                stack.close()
 
     def _recreate_cm(self) -> "CompressionSession":  # used by ContextDecorator for each call
         self.last = CompressionSession(self.config)
@@ -90,22 +93,47 @@ def compressed(config: Optional[Config] = None, **options: Any) -> Callable[[F],
     return decorate
 
 
+class _CompressedForward:
+    """``model.forward`` after :func:`wrap`: the class's ``forward`` run in a fresh compression session
+    per call. A plain object holding the module and the config, not a closure over the bound method,
+    so ``copy.deepcopy`` and pickling (``torch.save``) of the module carry it over to the copy."""
+
+    def __init__(self, module: torch.nn.Module, config: Config) -> None:
+        self.module = module
+        self.config = config
+        self.exactq_session = CompressionSession(config)  # .last: the latest call's session
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.exactq_session._recreate_cm():
+            return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        return {"module": self.module, "config": self.config}  # not the latest session (its graph)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["module"], state["config"])
+
+
 def wrap(model: torch.nn.Module, config: Optional[Config] = None, **options: Any) -> torch.nn.Module:
     """Make ``model.forward`` run compressed; returns the same module (unchanged otherwise).
 
-    The latest call's session is ``model.forward.exactq_session.last``; ``unwrap`` undoes it.
+    The latest call's session is ``model.forward.exactq_session.last``; ``unwrap`` undoes it. A
+    wrapped model survives ``copy.deepcopy`` (the copy is wrapped and runs its own parameters),
+    ``torch.save`` / ``torch.load`` of the module (``weights_only=False``, as for any pickled module)
+    and ``state_dict`` round trips.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if hasattr(model.forward, "exactq_session"):
-        raise ValueError("model is already wrapped by exactq.wrap; call exactq.unwrap(model) first")
-    forward = model.forward
-    model.forward = compressed(config, **options)(forward)
+    if "forward" in model.__dict__:
+        if isinstance(model.__dict__["forward"], _CompressedForward):
+            raise ValueError("model is already wrapped by exactq.wrap; call exactq.unwrap(model) first")
+        raise ValueError("model.forward is an instance attribute; exactq.wrap wraps the class's forward only")
+    model.forward = _CompressedForward(model, make_config(config, **options))
     return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`wrap`."""
-    if "forward" in model.__dict__ and hasattr(model.forward, "exactq_session"):
+    if isinstance(model.__dict__.get("forward"), _CompressedForward):
         del model.forward
     return model

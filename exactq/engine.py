@@ -1,73 +1,69 @@
 """The hook engine: what happens to each tensor autograd saves inside a compression session.
 
-Two pieces work together while a session is active:
+Three pieces work together while a session is active:
 
-* ``OpTracker``, a ``TorchFunctionMode``, records which op is running (at pack time
-  ``tensor.grad_fn`` names the producer, not the op saving it) and which storages the forward
-  produced without autograd history (e.g. dropout of the input features), so they count as
+* ``HookEngine.pack`` / ``unpack``, installed with ``torch.autograd.graph.saved_tensors_hooks``. At
+  pack time only the tensor is known, not which op saves it or how its backward will use it
+  (``tensor.grad_fn`` is the producer). So pack settles only what needs no op (parameters and
+  inputs that stay alive anyway, sparse and nested tensors) and otherwise hands autograd a pending
+  handle holding the tensor.
+* ``OpTracker``, a ``TorchFunctionMode``, calls back when each op returns. The op's backward nodes
+  exist by then: the engine walks from the op's outputs to the nodes holding pending handles,
+  reading each node's saved fields (an unpack of a pending handle names its node and field), and
+  stores every field as :data:`exactq.rules.RULES` says. The tracker also records which storages the
+  forward produced without autograd history (e.g. dropout of the input features), so they count as
   activations rather than inputs.
-* ``HookEngine.pack`` / ``unpack``, installed with ``torch.autograd.graph.saved_tensors_hooks``,
-  apply the policy (see ``HookEngine.pack``) and keep a :class:`~exactq.report.Record` per tensor.
-  On CPU, large restores are written into buffers reused within the backward pass (``_RestoreBuffers``).
+* ``_RestoreBuffers``: on CPU, large restores are written into buffers reused within backward.
 
 Pitfalls handled (REFERENCE.md section 5): with hooks PyTorch no longer checks in-place changes
 of saved tensors, so unpack checks the version itself; unpack may run many times, so nothing is
 freed on unpack; hooks disable autograd's de-duplication, so identical saves share one packed copy
 (keyed on storage, offset, shape, stride, dtype and version, valid only while that storage lives).
+Under ``torch.compile`` the tracker does nothing while Dynamo traces (reading ``grad_fn`` there
+would break the user's graph); a compiled region's saved tensors reach pack as those of one
+custom autograd Function and are kept exactly (see the README's "torch.compile").
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
 from . import functional as EF
 from . import report as R
+from . import rules
 from .config import Config
 from .memory import arg_storages as _arg_storages
 from .memory import arg_tensors as _arg_tensors
 from .memory import sparse_parts as _sparse_parts
 from .memory import storage_id as _storage_id
 
-# Ops whose backward needs only the sign of the saved tensor (ReLU's output, leaky ReLU's input).
-_LEAKY_OPS = {F.leaky_relu, F.leaky_relu_}
-_SIGN_OPS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_} | _LEAKY_OPS
-# Ops whose backward uses their saved operands linearly: random projection is unbiased there.
-_LINEAR_OPS = {F.linear, torch.mm, torch.matmul, torch.addmm, torch.bmm, torch.sparse.mm,
-               torch.Tensor.mm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
-               torch.Tensor.addmm, torch.Tensor.bmm}
-_LINEAR_OP_NAMES = ("spmm_sum", "spmm_mean", "spmm")  # torch_sparse's sparse x dense products
-# Normalisations: backward uses the saved mean / inverse std nonlinearly (and they are small, one per
-# feature or node), so only the saved input is quantized; the statistics are kept exactly.
-_NORM_OPS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm}
-# Dropout on CPU saves a float noise tensor with values {0, 1 / (1 - p)} (CUDA saves a bool mask).
-_DROPOUT_OPS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
 _FLOATS = set(EF.FLOAT_DTYPES)
 _SEED_STEP = 0x9E3779B97F4A7C15
+# Nodes the engine walks from an op's outputs to find the nodes holding its pending handles: the op's
+# own nodes come first; a composite op makes a handful.
+_MAX_PROBED_NODES = 64
+# Autograd nodes that only view or cast: a parameter reached through them (autocast's bf16 copy of a
+# weight, its transpose) is kept, not quantized.
+_CAST_NODES = frozenset({
+    "ToCopyBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0",
+    "UnsafeViewBackward0", "ExpandBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "SqueezeBackward2", "AliasBackward0", "CloneBackward0", "ReshapeAliasBackward0",
+})
 
 
-def _op_name(func: Optional[Callable], t: torch.Tensor) -> str:
+def _op_name(func: Optional[Callable]) -> str:
     if func is None:
-        return f"autograd.Function ({type(t.grad_fn).__name__})" if t.grad_fn is not None else "autograd.Function"
+        return "autograd.Function"
     name = getattr(func, "__name__", None) or str(func)
     return str(func) if name in ("default", "__call__") else name
-
-
-def _is_linear_op(func: Optional[Callable]) -> bool:
-    if func is None:
-        return False
-    try:
-        if func in _LINEAR_OPS:
-            return True
-    except TypeError:  # unhashable callables
-        return False
-    return str(getattr(func, "__name__", "")).endswith(_LINEAR_OP_NAMES)
 
 
 def _held_bytes(t: torch.Tensor) -> int:
@@ -75,6 +71,31 @@ def _held_bytes(t: torch.Tensor) -> int:
     if t.layout != torch.strided:
         return 0
     return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+
+def _is_parameter_cast(t: torch.Tensor) -> bool:
+    """``t`` is a leaf tensor (a parameter) seen through casts and views only."""
+    node = t.grad_fn
+    for _ in range(8):
+        if node is None:
+            return False
+        name = type(node).__name__
+        if name == "AccumulateGrad":
+            return True
+        nexts = [f for f, _ in node.next_functions if f is not None]
+        if name not in _CAST_NODES or len(nexts) != 1:
+            return False
+        node = nexts[0]
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_fields(node_type: type) -> Tuple[str, ...]:
+    """Names of the tensor fields a node type saves (``_raw_saved_<name>`` exists for each), or
+    ``saved_tensors`` for a custom autograd Function."""
+    if issubclass(node_type, torch.autograd.function.BackwardCFunction):
+        return ("saved_tensors",)
+    return tuple(a[len("_raw_saved_"):] for a in dir(node_type) if a.startswith("_raw_saved_"))
 
 
 class _StorageKeyed:
@@ -97,53 +118,81 @@ class _StorageKeyed:
 
 
 class OpTracker(TorchFunctionMode):
-    """Tracks the op being executed and the storages produced without autograd history."""
+    """Tracks the op being executed and the storages produced without autograd history, and calls
+    ``on_op_end(outputs, nodes_before)`` as each op returns (``nodes_before``: its arguments'
+    ``grad_fn`` before it ran)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.current: Optional[Callable] = None
         self.current_args: Optional[Tuple[Any, Any]] = None
+        self.on_op_end: Optional[Callable[[tuple, list], None]] = None
         self._produced = _StorageKeyed()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():
+            # Dynamo traces this method into the user's graph: any tracking here (reading grad_fn,
+            # storages) would break that graph at every op, so compiled code runs untracked.
+            return func(*args, **kwargs)
         outer = self.current, self.current_args
         self.current, self.current_args = func, (args, kwargs)
+        # The nodes that exist before the op: the walk for its saved tensors stops there (those
+        # nodes may hold tensors packed by other hooks, whose unpack must not run now).
+        before = [t.grad_fn for t in _arg_tensors(args, kwargs) if t.grad_fn is not None] if self.on_op_end else ()
         try:
             out = func(*args, **kwargs)
         finally:
             self.current, self.current_args = outer
-        outs = (out,) if isinstance(out, torch.Tensor) else out if isinstance(out, (tuple, list)) else ()
-        # Outputs with autograd history are activations anyway; only history-less ones need noting.
-        fresh = [o for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is None and o.layout == torch.strided
-                 and (o.dtype in _FLOATS or o.dtype == torch.bool)]
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out) if isinstance(out, (tuple, list)) else ()
+        # Outputs with autograd history are activations anyway; only history-less ones need noting
+        # (integer ones too: a sparse tensor built in the forward is made of them).
+        fresh = [o for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is None and not o.is_nested]
         if fresh:
             existing = _arg_storages(args, kwargs)  # computed once per op, only when needed
             for o in fresh:
                 self._note_output(o, existing)
+        if self.on_op_end is not None:
+            self.on_op_end(outs, before)
         return out
 
     def _note_output(self, out: torch.Tensor, existing: set) -> None:
-        sid = _storage_id(out)
-        if sid in existing:
-            return  # a view or in-place result of an argument: not new memory
-        self._produced.put((sid,), out, True)
+        # A sparse output is new memory only in its new parts (a CSR made from a COO adjacency may
+        # share its values and make only new row pointers).
+        for part in (_sparse_parts(out) if out.layout != torch.strided else (out,)):
+            sid = _storage_id(part)
+            if sid not in existing:  # else a view or in-place result of an argument: not new memory
+                self._produced.put((sid,), part, True)
 
     def produced(self, t: torch.Tensor) -> bool:
         return bool(self._produced.get((_storage_id(t),)))
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class _Packed:
-    """What autograd holds for one saved tensor. ``restore`` may be called any number of times."""
+    """What autograd holds for one saved tensor. While ``pending`` holds the tensor (until the engine
+    learns which node saved it), restores return it as it is; once settled, ``restore`` rebuilds it
+    from ``payload`` and may be called any number of times."""
 
-    __slots__ = ("payload", "restore_fn", "tensor_ref", "version", "describe", "__weakref__")
+    __slots__ = ("payload", "restore_fn", "tensor_ref", "version", "describe", "pending", "op", "site",
+                 "__weakref__")
 
-    def __init__(self, payload: Any, restore_fn: Callable[[Any], torch.Tensor], t: torch.Tensor) -> None:
+    def __init__(self, t: torch.Tensor, payload: Any = None, restore_fn: Optional[Callable[[Any], torch.Tensor]] = None,
+                 op: str = "") -> None:
         self.payload = payload
         self.restore_fn = restore_fn
         self.tensor_ref = weakref.ref(t)
         self.version = t._version
-        self.describe = f"[{t.dtype}, {t.layout}, shape {list(t.shape)}]"
+        self.describe = f"[{t.dtype}, {t.layout}, shape {list(t.shape) if not t.is_nested else 'nested'}]"
+        self.pending: Optional[torch.Tensor] = t if restore_fn is None else None
+        self.op = op
+        self.site: Optional[Tuple[Any, str]] = None  # (node, field) once a probe found it
+
+    def settle(self, payload: Any, restore_fn: Callable[[Any], torch.Tensor]) -> None:
+        self.payload, self.restore_fn, self.pending = payload, restore_fn, None
 
     def check_version(self) -> None:
         t = self.tensor_ref()
@@ -156,21 +205,9 @@ class _Packed:
 
     def restore(self) -> torch.Tensor:
         self.check_version()
+        if self.pending is not None:
+            return self.pending
         return self.restore_fn(self.payload)
-
-
-class _Kept(_Packed):
-    """A tensor referenced as it is; holding it strongly lets the version check always run."""
-
-    __slots__ = ("tensor",)
-
-    def __init__(self, t: torch.Tensor) -> None:
-        super().__init__(None, None, t)
-        self.tensor = t
-
-    def restore(self) -> torch.Tensor:
-        self.check_version()
-        return self.tensor
 
 
 class _RestoreBuffers:
@@ -223,11 +260,14 @@ class HookEngine:
         self.records: List[R.Record] = []
         self._seed = seed
         self._calls = 0
+        self._pending: List[_Packed] = []
+        self._probe: Optional[List[_Packed]] = None  # handles unpacked while a node's field is read
         # Keyed on (storage id, offset, shape, stride, dtype, version): tensors already counted, and
-        # (plus the storage kind) weak references to packed copies that identical saves can share.
+        # (plus the storage form) weak references to packed copies that identical saves can share.
         self._counted = _StorageKeyed()
         self._shared = _StorageKeyed()
         self._buffers_ref: Callable[[], Optional[_RestoreBuffers]] = lambda: None
+        tracker.on_op_end = self._op_end
 
     def _buffers(self) -> _RestoreBuffers:
         pool = self._buffers_ref()
@@ -236,7 +276,7 @@ class HookEngine:
             self._buffers_ref = weakref.ref(pool)
         return pool
 
-    # -- policy ---------------------------------------------------------------------------------
+    # -- pack: what needs no op -------------------------------------------------------------------
     def _is_external(self, t: torch.Tensor) -> bool:
         """Parameters and inputs that stay alive anyway (or views of them): compressing them adds memory."""
         root = t._base if t._base is not None else t
@@ -249,64 +289,184 @@ class HookEngine:
         return _storage_id(t) in _arg_storages(*self.tracker.current_args)
 
     def pack(self, t: torch.Tensor) -> _Packed:
-        """Policy, in order: external -> referenced; dense operand of a product with a constant sparse
-        matrix -> nothing stored; non-strided, non-float/bool, fewer than
-        ``min_numel`` elements or overlapping memory -> kept as is; bool, or dropout's two-valued float
-        noise -> 1-bit mask; statistics
-        saved by a normalisation -> kept as is; saved by a ReLU-like op -> 1-bit sign; saved by a linear op with ``rp_ratio`` set -> projected and
-        quantized; any other float -> block-wise quantized."""
-        op = self.tracker.current
-        name = _op_name(op, t)
+        """Settled here: nested tensors and tensor subclasses (kept as they are), sparse tensors (kept;
+        counted when built inside the session), parameters and inputs (referenced) and casts of
+        parameters (kept). Everything else waits, as a pending handle, for its node's rule."""
+        name = _op_name(self.tracker.current)
+        if t.is_nested:
+            return self._keep_now(t, name, R.UNCOMPRESSED, "nested tensor (a layout exactq does not pack)")
         if t.layout != torch.strided:
             # Sparse tensors are left to autograd as they are. One built inside the session (GCN's
-            # normalised adjacency, made in every forward) is an activation: it counts as held memory.
+            # normalised adjacency, made in every forward) is an activation: its new parts count.
             parts = _sparse_parts(t)
-            made_here = t.grad_fn is not None or (bool(parts) and self.tracker.produced(parts[-1]))
-            return self._keep(t, name, R.UNCOMPRESSED if made_here else R.EXTERNAL)
+            made_here = t.grad_fn is not None or any(self.tracker.produced(p) for p in parts)
+            if made_here:
+                return self._keep_now(t, name, R.UNCOMPRESSED, "sparse tensor (indices cannot be rounded)")
+            return self._keep_now(t, name, R.EXTERNAL)
         if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-            return self._keep(t, name, R.EXTERNAL if t.grad_fn is None else R.UNCOMPRESSED)  # subclasses: as is
+            if t.grad_fn is None:
+                return self._keep_now(t, name, R.EXTERNAL)
+            return self._keep_now(t, name, R.UNCOMPRESSED, f"tensor subclass {type(t).__name__}")
         if self._is_external(t):
-            return self._keep(t, name, R.EXTERNAL)
-        if _is_linear_op(op) and self._is_dense_operand_of_constant_sparse_product(t):
-            return self._skip(t, name)
-        nbytes = t.numel() * t.element_size()
-        overlapping = t.untyped_storage().nbytes() < nbytes
-        if t.dtype == torch.bool and not overlapping and t.numel() > 0:
-            return self._shared_pack(t, name, R.MASK, lambda: (EF.pack_mask(t), None), self._restore(_unpack_mask))
-        if t.dtype not in _FLOATS or t.numel() < self.config.min_numel or overlapping:
-            return self._keep(t, name, R.UNCOMPRESSED)
-        if op in _NORM_OPS and not self._is_first_argument_sized(t):
-            return self._keep(t, name, R.UNCOMPRESSED)
-        if op in _DROPOUT_OPS and t.grad_fn is None:
-            return self._shared_pack(t, name, R.MASK, lambda: _pack_two_valued(t), self._restore(_unpack_mask))
-        if op in _SIGN_OPS:
-            # ReLU saves its output and its backward tests `result <= 0`: keeping `!= 0` passes a NaN's
-            # gradient as fp32 does. Leaky ReLU saves its input and tests `> 0`.
-            positive = op in _LEAKY_OPS
-            return self._shared_pack(t, name, R.SIGN, lambda: _pack_two_valued(t, positive, t.new_ones(())),
-                                     self._restore(_unpack_mask))
-        if self.config.rp_ratio is not None and self.config.rp_ratio < 1 and t.dim() >= 2 and _is_linear_op(op):
+            return self._keep_now(t, name, R.EXTERNAL)
+        if _is_parameter_cast(t):
+            return self._keep_now(t, name, R.UNCOMPRESSED, "cast or view of a parameter (e.g. autocast's copy)")
+        if self.tracker.current is None:
+            # Saved outside any op: by a custom autograd Function (its ctx.save_for_backward runs after
+            # its forward's ops), checkpoint's saved inputs among them, or by a backward with create_graph.
+            return self._keep_now(t, name, R.UNCOMPRESSED, rules.CUSTOM.reason)
+        handle = _Packed(t, op=name)
+        self._pending.append(handle)
+        return handle
+
+    def unpack(self, packed: _Packed) -> torch.Tensor:
+        if self._probe is not None:  # a node's field is being read to learn which handles it holds
+            if packed.pending is not None:
+                self._probe.append(packed)
+                return packed.pending
+            return packed.payload if isinstance(packed.payload, torch.Tensor) else _PLACEHOLDER
+        return packed.restore()
+
+    # -- learning each pending tensor's node ------------------------------------------------------
+    def _op_end(self, outs: tuple, before: list) -> None:
+        if not self._pending or not self._innermost():
+            return  # nothing saved, or saved into other hooks (e.g. a checkpointed region's)
+        # The op's new nodes hang off its outputs, down to the nodes that existed before it.
+        roots = [t.grad_fn for t in outs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        self._resolve(roots, set(before))
+
+    def _innermost(self) -> bool:
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        return top is not None and top[0] == self.pack
+
+    def finish(self) -> None:
+        """Settle what is still pending when the session ends (saved outside any traceable op)."""
+        self._resolve([], set())
+
+    def _resolve(self, roots: List[Any], seen: set) -> None:
+        waiting = len(self._pending)
+        found: Dict[Any, Tuple[Dict[str, Any], Dict[str, List[_Packed]]]] = {}
+        queue = collections.deque(roots)
+        probed = 0
+        while queue and waiting and probed < _MAX_PROBED_NODES:
+            node = queue.popleft()
+            if node in seen:
+                continue
+            seen.add(node)
+            probed += 1
+            fields = _saved_fields(type(node))
+            if fields:
+                values, handles = self._probe_node(node, fields)
+                if handles:
+                    found[node] = (values, handles)
+                    waiting -= sum(len(h) for h in handles.values())
+            queue.extend(f for f, _ in node.next_functions if f is not None)
+        pending, self._pending = self._pending, []
+        with torch.no_grad():  # packing computes (comparisons, gathers): nothing of it is recorded
+            for node, (values, handles) in found.items():
+                self._settle_node(node, values, handles)
+            for h in pending:
+                if h.pending is not None:
+                    self._settle(h, rules.UNKNOWN, None, "", {})
+
+    def _probe_node(self, node: Any, fields: Tuple[str, ...]) -> Tuple[Dict[str, Any], Dict[str, List[_Packed]]]:
+        values: Dict[str, Any] = {}
+        handles: Dict[str, List[_Packed]] = {}
+        for field in fields:
+            self._probe = []
+            try:
+                values[field] = node.saved_tensors if field == "saved_tensors" else getattr(node, "_saved_" + field)
+            except RuntimeError:  # released or undefined
+                values[field] = None
+            finally:
+                hits, self._probe = self._probe, None
+            for h in hits:
+                if h.site is None and h.pending is not None:
+                    h.site = (node, field)
+                    handles.setdefault(field, []).append(h)
+        return values, handles
+
+    def _settle_node(self, node: Any, values: Dict[str, Any], handles: Dict[str, List[_Packed]]) -> None:
+        node_name = type(node).__name__
+        rule = rules.node_rule(node)
+        if rule is None and node_name.startswith("CompiledFunction"):
+            warnings.warn(
+                "exactq: the tensors a torch.compile'd region saves for backward are kept exactly (the compiled "
+                "backward may use them in any way); exactq compresses what eager code saves. Run the model eagerly "
+                "inside exactq.compress for the memory saving (README, 'torch.compile').", stacklevel=2)
+        if rule is not None and any(isinstance(f, rules.Zero) for f in rule.values()):
+            # Winners are restored against a result restored as zeros: all of them or none.
+            if not all(k in handles for k, f in rule.items() if isinstance(f, rules.Zero)):
+                rule = {k: rules.INDEX if isinstance(f, (rules.Zero, rules.Winners)) else f for k, f in rule.items()}
+        for field, hs in handles.items():
+            form = rules.CUSTOM if rule is None else rule.get(field, rules.QUANTIZE)
+            for h in hs:
+                self._settle(h, form, node, f"{node_name}.{field}", values)
+
+    # -- storage forms ----------------------------------------------------------------------------
+    def _settle(self, h: _Packed, form: rules.Form, node: Any, saved: str, values: Dict[str, Any]) -> None:
+        t = h.pending
+        if isinstance(form, rules.Unneeded):
+            needs_grad = form.input_nr < len(node.next_functions) and node.next_functions[form.input_nr][0] is not None
+            if not needs_grad:
+                return self._store_nothing(h, t, saved)
+            form = form.otherwise
+        if isinstance(form, rules.Zero):
+            return self._store_nothing(h, t, saved)
+        if isinstance(form, rules.Keep):
+            return self._store_kept(h, t, saved, form.reason)
+        if t.dtype == torch.bool:  # lossless whatever the rule
+            return self._share(h, t, saved, R.MASK, (), lambda: (EF.pack_mask(t), None), _unpack_mask)
+        if t.dtype not in _FLOATS:
+            return self._store_kept(h, t, saved, "integer tensor (indices or counts)")
+        if isinstance(form, rules.Bits):
+            return self._store_bits(h, t, form, node, saved)
+        if isinstance(form, rules.Winners):
+            return self._store_winners(h, t, form.reference(values, node), form.nan_wins, saved)
+        return self._store_quantized(h, t, form, saved)
+
+    def _store_quantized(self, h: _Packed, t: torch.Tensor, form: rules.Quantize, saved: str) -> None:
+        if t.numel() < self.config.min_numel:
+            return self._store_kept(h, t, saved, f"small (fewer than min_numel={self.config.min_numel} elements)")
+        if t.untyped_storage().nbytes() < t.numel() * t.element_size():
+            return self._store_kept(h, t, saved, "overlapping memory (an expanded view)")
+        if t.grad_fn is None and _is_zero_or_one_value(t):
+            # Made inside the op without history, taking values 0 and v only: dropout's noise on CPU.
+            return self._share(h, t, saved, R.MASK, (), lambda: _pack_two_valued(t), _unpack_mask)
+        if self.config.rp_ratio is not None and self.config.rp_ratio < 1 and t.dim() >= 2 and form.linear:
             d = t.shape[-1]
             r = EF.projected_width(d, self.config.rp_ratio)
             if r < d:
-                return self._shared_pack(t, name, R.PROJECTED, lambda: self._project(t, r), self._restore(_unproject))
-        normal_like = op in _NORM_OPS
-        return self._shared_pack(t, name, R.QUANTIZED, lambda: self._quantize(t, normal_like),
-                                 self._restore(_dequantize))
+                return self._share(h, t, saved, R.PROJECTED, (r,), lambda: self._project(t, r), _unproject)
+        return self._share(h, t, saved, R.QUANTIZED, (form.normal_like,),
+                           lambda: self._quantize(t, form.normal_like), _dequantize)
 
-    def _is_dense_operand_of_constant_sparse_product(self, t: torch.Tensor) -> bool:
-        """In A @ X with a sparse A that needs no gradient, X is saved only for A's gradient."""
-        args, kwargs = self.tracker.current_args
-        tensors = list(_arg_tensors(args, kwargs))
-        sparse = [a for a in tensors if a.layout != torch.strided]
-        return (bool(sparse) and not any(a.requires_grad for a in sparse)
-                and _storage_id(t) in {_storage_id(a) for a in tensors if a.layout == torch.strided})
+    def _store_bits(self, h: _Packed, t: torch.Tensor, form: rules.Bits, node: Any, saved: str) -> None:
+        tv, fv = form.true_value(node), form.false_value(node)
+        fused = form.test if isinstance(form.test, str) else None
+        probe = torch.tensor([tv, fv], dtype=t.dtype)
+        ok = (probe != 0 if fused == "nonzero" else probe > 0 if fused == "positive" else form.test(probe, node))
+        if ok.tolist() != [True, False]:  # the stand-in values would not reproduce the test: keep
+            return self._store_kept(h, t, saved, "no stand-in values for its comparison")
+        if fused is not None and fv == 0:
+            return self._share(h, t, saved, R.SIGN, (fused, tv),
+                               lambda: _pack_two_valued(t, fused == "positive", t.new_full((), tv)), _unpack_mask)
+        bits = form.test(t, node)
+        if fv == 0 or tv == 0:  # restored in one pass: value where the stored bit is set, else 0
+            stored, value = (bits, tv) if fv == 0 else (~bits, fv)
+            return self._store_once(h, t, saved, R.COMPARISON, (EF.pack_mask(stored), t.new_full((), value)),
+                                    _unpack_mask)
+        payload = (EF.pack_mask(bits), t.new_full((), tv), t.new_full((), fv))
+        return self._store_once(h, t, saved, R.COMPARISON, payload, _unpack_where)
 
-    def _is_first_argument_sized(self, t: torch.Tensor) -> bool:
-        args, _ = self.tracker.current_args
-        return bool(args) and isinstance(args[0], torch.Tensor) and args[0].shape == t.shape
+    def _store_winners(self, h: _Packed, t: torch.Tensor, ref: torch.Tensor, nan_wins: bool, saved: str) -> None:
+        win = t == ref
+        if nan_wins:
+            win |= t.isnan() & ref.isnan()
+        # Winners restore as 0 (the result restores as zeros), the rest as NaN, which equals nothing.
+        payload = (EF.pack_mask(~win), t.new_full((), math.nan))
+        return self._store_once(h, t, saved, R.COMPARISON, payload, _unpack_mask)
 
-    # -- storage forms ----------------------------------------------------------------------------
     def _next_seed(self) -> int:
         self._calls += 1
         return (self._seed + self._calls * _SEED_STEP) % (2**63 - 1)
@@ -320,9 +480,6 @@ class HookEngine:
         seed = self._next_seed()  # the projection is drawn again from it in backward: nothing else stored
         return self._quantize(EF.random_project(t, r, seed), normal_like=True), seed, t.shape
 
-    def _restore(self, fn: Callable[[_RestoreBuffers, Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
-        return functools.partial(fn, self._buffers())
-
     # -- bookkeeping --------------------------------------------------------------------------------
     @staticmethod
     def _key(t: torch.Tensor) -> tuple:
@@ -330,8 +487,10 @@ class HookEngine:
 
     def _count_original(self, t: torch.Tensor) -> int:
         """Bytes autograd would hold for ``t``: its size the first time the tensor is seen, else 0.
-        A sparse tensor is keyed on its values and pins the whole storages of its parts (its column
-        indices may be a row of a 2 x nnz COO index tensor)."""
+        A sparse tensor is keyed on its values and pins the storages of its parts made in the
+        session (a CSR made from a COO adjacency may reuse the COO's values)."""
+        if t.is_nested:
+            return 0 if self._counted.get((id(t),)) else (self._counted.put((id(t),), t, True) or t.values().nbytes)
         parts = _sparse_parts(t) if t.layout != torch.strided else (t,)
         if not parts:
             return 0
@@ -341,44 +500,59 @@ class HookEngine:
         self._counted.put(key, parts[-1], True)
         if t.layout == torch.strided:
             return _held_bytes(t)
-        return sum({_storage_id(p): p.untyped_storage().nbytes() for p in parts}.values())
+        new = [p for p in parts if t.grad_fn is not None or self.tracker.produced(p)]
+        return sum({_storage_id(p): p.untyped_storage().nbytes() for p in new}.values())
 
-    def _keep(self, t: torch.Tensor, name: str, kind: str) -> _Packed:
+    def _keep_now(self, t: torch.Tensor, name: str, kind: str, reason: str = "") -> _Packed:
+        packed = _Packed(t, t, _identity, op=name)
         if kind == R.EXTERNAL:
             self.records.append(R.Record(kind, name, 0, _held_bytes(t)))
         else:  # an activation stored as is, once, as autograd would store it
             original = self._count_original(t)
-            self.records.append(R.Record(kind, name, original, original))
-        return _Kept(t)
-
-    def _skip(self, t: torch.Tensor, name: str) -> _Packed:
-        """Store nothing; should autograd still unpack it, a zero-stride tensor of zeros stands in
-        (the only consumer, the sparse operand's gradient, is never computed)."""
-        shape, dtype, device = t.shape, t.dtype, t.device
-        self.records.append(R.Record(R.UNNEEDED, name, self._count_original(t), 0))
-        return _Packed(None, lambda _: torch.zeros((), dtype=dtype, device=device).expand(shape), t)
-
-    def _shared_pack(self, t: torch.Tensor, name: str, kind: str, make: Callable[[], Any],
-                     restore: Callable[[Any], torch.Tensor]) -> _Packed:
-        key = self._key(t) + (kind,)
-        original = self._count_original(t)
-        ref = self._shared.get(key)
-        packed = ref() if ref is not None else None
-        if packed is not None:
-            self.records.append(R.Record(R.DEDUPLICATED, name, original, 0))
-            return packed
-        payload = make()
-        packed = _Packed(payload, restore, t)
-        self._shared.put(key, t, weakref.ref(packed))
-        self.records.append(R.Record(kind, name, original, _payload_bytes(payload)))
+            self.records.append(R.Record(kind, name, original, original, reason=reason))
         return packed
 
-    @staticmethod
-    def unpack(packed: _Packed) -> torch.Tensor:
-        return packed.restore()
+    def _store_kept(self, h: _Packed, t: torch.Tensor, saved: str, reason: str) -> None:
+        original = self._count_original(t)
+        self.records.append(R.Record(R.UNCOMPRESSED, h.op, original, original, saved, reason))
+        h.settle(t, _identity)
+
+    def _store_nothing(self, h: _Packed, t: torch.Tensor, saved: str) -> None:
+        """Store nothing: zeros stand in (a zero-stride tensor). Used where backward never reads it (the
+        dense operand of a constant sparse product) or reads it only against winners' bits."""
+        shape, dtype, device = t.shape, t.dtype, t.device
+        self.records.append(R.Record(R.UNNEEDED, h.op, self._count_original(t), 0, saved))
+        h.settle(None, lambda _: torch.zeros((), dtype=dtype, device=device).expand(shape))
+
+    def _store_once(self, h: _Packed, t: torch.Tensor, saved: str, kind: str, payload: Any,
+                    restore: Callable[[_RestoreBuffers, Any], torch.Tensor]) -> None:
+        self.records.append(R.Record(kind, h.op, self._count_original(t), _payload_bytes(payload), saved))
+        h.settle(payload, functools.partial(restore, self._buffers()))
+
+    def _share(self, h: _Packed, t: torch.Tensor, saved: str, kind: str, form_key: tuple, make: Callable[[], Any],
+               restore: Callable[[_RestoreBuffers, Any], torch.Tensor]) -> None:
+        """Store ``make()``, or share the payload of an identical save in the same form."""
+        key = self._key(t) + (kind,) + form_key
+        ref = self._shared.get(key)
+        twin = ref() if ref is not None else None
+        if twin is not None and twin.pending is None:
+            self.records.append(R.Record(R.DEDUPLICATED, h.op, self._count_original(t), 0, saved))
+            h.settle(twin.payload, twin.restore_fn)
+            return
+        self._store_once(h, t, saved, kind, make(), restore)
+        self._shared.put(key, t, weakref.ref(h))
 
     def report(self) -> R.MemoryReport:
         return R.MemoryReport.from_records(self.records)
+
+
+_PLACEHOLDER = torch.empty(0)
+
+
+def _is_zero_or_one_value(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is 0 or its maximum (one pass each; only for history-less tensors)."""
+    top = t.amax()
+    return bool(torch.logical_or(t == 0, t == top).all())
 
 
 def _pack_two_valued(t: torch.Tensor, positive: bool = False,
@@ -395,6 +569,11 @@ def _unpack_mask(pool: _RestoreBuffers, payload: Tuple[EF.PackedMask, Optional[t
     return EF.unpack_mask(mask, value, out=pool.empty(math.prod(mask.shape), dtype, mask.packed.device))
 
 
+def _unpack_where(pool: _RestoreBuffers, payload: Tuple[EF.PackedMask, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    mask, true_value, false_value = payload
+    return torch.where(EF.unpack_mask(mask), true_value, false_value)
+
+
 def _dequantize(pool: _RestoreBuffers, q: EF.QuantizedTensor) -> torch.Tensor:
     return EF.dequantize(q, out=pool.empty(q.numel, q.dtype, q.packed.device))
 
@@ -409,6 +588,7 @@ def _unproject(pool: _RestoreBuffers, payload: Tuple[EF.QuantizedTensor, int, to
 def _payload_bytes(payload: Any) -> int:
     if isinstance(payload, EF.QuantizedTensor):
         return payload.nbytes
-    # projected: (QuantizedTensor, seed, shape); masks: (PackedMask, value or None)
-    value = payload[1] if isinstance(payload[0], EF.PackedMask) else None
-    return payload[0].nbytes + (value.nbytes if value is not None else 0)
+    # projected: (QuantizedTensor, seed, shape); masks: (PackedMask, values...)
+    if isinstance(payload[0], EF.QuantizedTensor):
+        return payload[0].nbytes
+    return payload[0].nbytes + sum(v.nbytes for v in payload[1:] if isinstance(v, torch.Tensor))

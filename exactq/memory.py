@@ -9,6 +9,7 @@ from typing import Dict, Tuple
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.parameter import UninitializedTensorMixin
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -18,14 +19,20 @@ def storage_id(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def _has_storage(t: object) -> bool:
+    # Lazy modules' uninitialised parameters have no storage yet (touching it raises); nested
+    # tensors have no single one.
+    return isinstance(t, torch.Tensor) and not isinstance(t, UninitializedTensorMixin) and not t.is_nested
+
+
 def arg_tensors(args, kwargs):
-    """The tensors among an op's arguments, directly or in a list/tuple (what op signatures allow;
-    a shallow scan, much cheaper than a pytree flatten on this hot path)."""
+    """The tensors among an op's arguments, directly or in a list/tuple, that have a storage (what op
+    signatures allow; a shallow scan, much cheaper than a pytree flatten on this hot path)."""
     for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, (list, tuple)):
+            yield from (b for b in a if _has_storage(b))
+        elif _has_storage(a):
             yield a
-        elif isinstance(a, (list, tuple)):
-            yield from (b for b in a if isinstance(b, torch.Tensor))
 
 
 def sparse_parts(t: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -71,8 +78,10 @@ class LiveTensorMemory(TorchDispatchMode):
         out = func(*args, **kwargs)
         # A view or in-place result shares an argument's storage: that memory existed already.
         existing = arg_storages(args, kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+        for o in tree_flatten(out)[0]:
+            if not isinstance(o, torch.Tensor):
+                continue
+            for t in (o,) if o.layout == torch.strided else sparse_parts(o):
                 s = t.untyped_storage()
                 if s._cdata in existing:
                     continue

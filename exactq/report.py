@@ -9,22 +9,26 @@ QUANTIZED = "quantized"  # block-wise low-bit
 PROJECTED = "projected"  # random projection, then block-wise low-bit
 MASK = "mask"  # bool tensor, 1 bit per element
 SIGN = "sign"  # output of ReLU-like op, only its sign kept (1 bit)
-UNCOMPRESSED = "uncompressed"  # an activation kept as is (small, integer, sparse, overlapping)
+COMPARISON = "comparison"  # only the comparison backward reads (max/min winners, clamp's range): 1 bit
+UNCOMPRESSED = "uncompressed"  # an activation kept as is (small, integer, sparse, or unsafe to round)
 EXTERNAL = "external"  # parameter or input that stays alive anyway: referenced, not copied
 DEDUPLICATED = "deduplicated"  # saved before by another op in the same form: shared
-UNNEEDED = "unneeded"  # dense operand of A @ X with a constant sparse A: only A's gradient uses it
-KINDS = (QUANTIZED, PROJECTED, MASK, SIGN, UNCOMPRESSED, EXTERNAL, DEDUPLICATED, UNNEEDED)
+UNNEEDED = "unneeded"  # never read by backward (A @ X's X for a constant A; max's result): nothing stored
+KINDS = (QUANTIZED, PROJECTED, MASK, SIGN, COMPARISON, UNCOMPRESSED, EXTERNAL, DEDUPLICATED, UNNEEDED)
 
 
 @dataclass(frozen=True)
 class Record:
     """One saved tensor. ``original_bytes`` is what autograd would hold for it without exactq (zero
-    when the same tensor was already counted, or when it stays alive anyway)."""
+    when the same tensor was already counted, or when it stays alive anyway). ``saved`` names the
+    autograd node and field that hold it (e.g. ``AddmmBackward0.mat1``), ``reason`` why it was kept."""
 
     kind: str
     op: str
     original_bytes: int
     stored_bytes: int
+    saved: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class MemoryReport:
         external_bytes: bytes of parameters/inputs referenced as they are (alive anyway, not counted).
         by_kind: totals per storage kind (see ``exactq.report.KINDS``).
         by_op: totals per op that saved the tensor.
+        kept: totals of the activations kept exactly, per reason (see :mod:`exactq.rules`).
     """
 
     original_bytes: int
@@ -59,6 +64,7 @@ class MemoryReport:
     external_bytes: int
     by_kind: Dict[str, Totals] = field(default_factory=dict)
     by_op: Dict[str, Totals] = field(default_factory=dict)
+    kept: Dict[str, Totals] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -69,6 +75,7 @@ class MemoryReport:
     def from_records(cls, records: Iterable[Record]) -> "MemoryReport":
         by_kind: Dict[str, Totals] = {}
         by_op: Dict[str, Totals] = {}
+        kept: Dict[str, Totals] = {}
         original = stored = external = 0
         for r in records:
             by_kind[r.kind] = by_kind.get(r.kind, Totals()).add(r)
@@ -76,15 +83,17 @@ class MemoryReport:
                 external += r.stored_bytes
                 continue
             by_op[r.op] = by_op.get(r.op, Totals()).add(r)
+            if r.kind == UNCOMPRESSED:
+                kept[r.reason] = kept.get(r.reason, Totals()).add(r)
             original += r.original_bytes
             stored += r.stored_bytes
-        return cls(original, stored, external, by_kind, by_op)
+        return cls(original, stored, external, by_kind, by_op, kept)
 
-    def _rows(self, title: str, items: Iterable[Tuple[str, Totals]]) -> list[str]:
-        rows = [f"{title:<24} {'saved':>6} {'original MB':>12} {'stored MB':>10} {'ratio':>7}"]
+    def _rows(self, title: str, items: Iterable[Tuple[str, Totals]], width: int = 24) -> list[str]:
+        rows = [f"{title:<{width}} {'saved':>6} {'original MB':>12} {'stored MB':>10} {'ratio':>7}"]
         for name, t in sorted(items, key=lambda kv: -kv[1].original_bytes):
             ratio = f"{t.original_bytes / t.stored_bytes:.1f}x" if t.stored_bytes else "-"
-            rows.append(f"{name:<24} {t.count:>6} {_mb(t.original_bytes):>12} {_mb(t.stored_bytes):>10} {ratio:>7}")
+            rows.append(f"{name:<{width}} {t.count:>6} {_mb(t.original_bytes):>12} {_mb(t.stored_bytes):>10} {ratio:>7}")
         return rows
 
     def __str__(self) -> str:
@@ -96,4 +105,7 @@ class MemoryReport:
         lines += self._rows("by kind", self.by_kind.items())
         lines.append("")
         lines += self._rows("by op", self.by_op.items())
+        if self.kept:
+            lines.append("")
+            lines += self._rows("kept exactly, because", self.kept.items(), width=60)
         return "\n".join(lines)

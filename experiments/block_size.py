@@ -28,7 +28,7 @@ def capture_activations(model, data, rp_ratio=0.125):
     captured = {"batch_norm input": [], "linear input": [], "linear input, projected D/R=8": []}
 
     def pack(t):
-        name = _op_name(tracker.current, t)
+        name = _op_name(tracker.current)
         if t.dtype == torch.float32 and t.numel() >= 4096 and t.dim() == 2 and not isinstance(t, torch.nn.Parameter):
             if name == "batch_norm":
                 captured["batch_norm input"].append(t.detach().clone())

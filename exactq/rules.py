@@ -1,0 +1,241 @@
+"""Per-op rules: how each saved tensor of each autograd node is stored, in one declarative table.
+
+Autograd saves tensors into the backward node of the op that needs them (``MmBackward0`` keeps
+``self`` and ``mat2``, ``ReluBackward0`` its ``result``). The hook engine learns which node and field
+each saved tensor belongs to (see :mod:`exactq.engine`) and looks the pair up in :data:`RULES`, the
+way ``torch.autocast`` keeps its op lists. A field's form says what is stored:
+
+* :class:`Quantize`: block-wise low-bit (the default for every built-in op not listed): the backward
+  formula uses the value smoothly, so unbiased rounding gives a gradient close to fp32's.
+* :class:`Bits`: backward reads only a comparison (ReLU's ``result > 0``, clamp's in-range test): one
+  bit per element, restored to values that give the same comparison, so the gradient is exact.
+* :class:`Winners`: max/min-type reductions, whose backward finds the winners by ``input == result``:
+  one bit per element (winner or not); the result itself needs nothing stored (:class:`Zero`).
+* :class:`Keep`: stored exactly, because the backward uses the value in a way rounding would break
+  (a denominator near zero, a sign, an index) or because the op is unknown (custom autograd
+  Functions: exactq cannot see how their backward uses what they save). The report counts these.
+
+The ``Keep`` entries for singular or discontinuous formulas were found by sweeping PyTorch's OpInfo
+database (``tests/test_opinfo_sweep.py``): every differentiable float op's gradients with and without
+exactq at 8 bits, an op being listed when its error exceeded the sweep's bound or it gave a
+non-finite value where fp32 was finite.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Stored exactly (counted in the report as kept), with the reason."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """Block-wise quantized. ``normal_like``: values are normal-like (normalisation inputs), where the
+    non-uniform INT2 levels help; ``linear``: the backward uses it linearly (a matrix product's
+    operand), so random projection (``rp_ratio``) is unbiased there."""
+
+    normal_like: bool = False
+    linear: bool = False
+
+
+@dataclass(frozen=True)
+class Unneeded:
+    """Needed only for the gradient of the node's input ``input_nr``: stored as nothing when that input
+    needs no gradient (PyG's constant sparse adjacency in ``A @ X``), else stored as ``otherwise``."""
+
+    input_nr: int
+    otherwise: "Form"
+
+
+@dataclass(frozen=True)
+class Bits:
+    """One bit per element: ``test(x, node)`` (a bool tensor; ``"nonzero"`` and ``"positive"`` are
+    fused kernels), restored as ``true_value`` where set and ``false_value`` elsewhere. The engine
+    checks that the two values give the same test result as the bits they stand for (else it keeps
+    the tensor), so a wrong pair of values can cost memory but never a gradient."""
+
+    test: Union[str, Callable[[torch.Tensor, Any], torch.Tensor]]
+    true_value: Callable[[Any], float]
+    false_value: Callable[[Any], float]
+
+
+@dataclass(frozen=True)
+class Winners:
+    """Backward compares the field with ``reference(values, node)`` (the result, broadcast or
+    gathered to the field's shape) for equality: stored as the "not a winner" bit, restored as 0 for
+    winners and NaN for the rest, against a result restored as zeros (``Zero``). ``nan_wins``: the
+    formula (``evenly_distribute_backward``) takes NaN inputs as the winners when the result is NaN."""
+
+    reference: Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
+    nan_wins: bool = False
+
+
+@dataclass(frozen=True)
+class Zero:
+    """Read by backward only through :class:`Winners` comparisons of other fields: nothing stored,
+    restored as zeros."""
+
+
+Form = Union[Keep, Quantize, Unneeded, Bits, Winners, Zero]
+
+QUANTIZE = Quantize()
+NORMAL = Quantize(normal_like=True)
+LINEAR = Quantize(linear=True)
+STATS = Keep("normalisation statistics (backward divides by them; one per feature or row)")
+SINGULAR = Keep("backward divides by it or takes its log/root: rounding near zero is unbounded")
+SIGN = Keep("backward uses its sign or compares it: rounding near zero flips it")
+INDEX = Keep("backward selects or compares with it")
+CUSTOM = Keep("custom autograd Function: exactq cannot see how its backward uses what it saves")
+UNKNOWN = Keep("saved outside any op exactq could trace")
+
+def _one(node: Any) -> float:
+    return 1.0
+
+
+def _zero(node: Any) -> float:
+    return 0.0
+
+
+def _attr(name: str) -> Callable[[Any], float]:
+    return lambda node: float(getattr(node, "_saved_" + name))
+
+
+def _mid(lo: str, hi: str) -> Callable[[Any], float]:
+    return lambda node: 0.5 * (float(getattr(node, "_saved_" + lo)) + float(getattr(node, "_saved_" + hi)))
+
+
+def _clamp_test(x: torch.Tensor, node: Any) -> torch.Tensor:
+    lo, hi = node._saved_min, node._saved_max
+    inside = torch.ones_like(x, dtype=torch.bool) if lo is None else x >= float(lo)
+    return inside if hi is None else inside & (x <= float(hi))
+
+
+def _clamp_inside(node: Any) -> float:
+    lo, hi = node._saved_min, node._saved_max
+    return float(lo) if lo is not None else float(hi)
+
+
+def _clamp_outside(node: Any) -> float:
+    lo, hi = node._saved_min, node._saved_max
+    return -math.inf if lo is not None and float(lo) > -math.inf else math.inf
+
+
+def _shrink_test(x: torch.Tensor, node: Any) -> torch.Tensor:
+    lambd = float(node._saved_lambd)
+    return ~((x >= -lambd) & (x <= lambd))  # backward passes the gradient outside [-lambd, lambd]
+
+
+# Sign-like ops: ReLU's backward is `where(result <= 0, 0, grad)`, threshold's `where(self <= t, 0, grad)`
+# (NaN passes), leaky ReLU's scales where `x > 0` is false, hardtanh's passes inside the open interval,
+# clamp's inside the closed one (NaN never does). Stand-ins are finite or infinite, never NaN: fused
+# kernels treat NaN differently in their vectorised body and their scalar tail (hardshrink does).
+RELU = Bits("nonzero", _one, _zero)  # result >= 0, so != 0 is > 0, NaN included
+POSITIVE = Bits("positive", _one, _zero)
+THRESHOLD = Bits(lambda x, n: ~(x <= float(n._saved_threshold)), lambda n: math.inf, lambda n: -math.inf)
+HARDTANH = Bits(lambda x, n: (x > float(n._saved_min_val)) & (x < float(n._saved_max_val)),
+                _mid("min_val", "max_val"), _attr("min_val"))
+CLAMP = Bits(_clamp_test, _clamp_inside, _clamp_outside)
+SHRINK = Bits(_shrink_test, lambda n: math.inf, _zero)
+
+
+def _reduced_result(values: Mapping[str, torch.Tensor], node: Any) -> torch.Tensor:
+    """``amax``/``amin``'s result with its reduced dims restored (keepdim=False drops them)."""
+    result = values["result"]
+    if not node._saved_keepdim:
+        ndim = values["self"].dim()
+        for d in sorted(int(d) % max(ndim, 1) for d in node._saved_dim):
+            result = result.unsqueeze(d)
+    return result
+
+
+def _scatter_value(values: Mapping[str, torch.Tensor], node: Any) -> torch.Tensor:
+    return values["result"].gather(node._saved_dim, values["index"])
+
+
+def _index_reduce_value(values: Mapping[str, torch.Tensor], node: Any) -> torch.Tensor:
+    return values["result"].index_select(node._saved_dim, values["index"])
+
+
+_AMAX = {"self": Winners(_reduced_result), "result": Zero()}
+_EVEN = {"self": Winners(lambda v, n: v["result"], nan_wins=True), "result": Zero()}
+
+
+def _scatter_rule(node: Any) -> Dict[str, Form]:
+    reduce = node._saved_reduce
+    if reduce in ("amax", "amin"):
+        return {"self": Winners(lambda v, n: v["result"]), "src": Winners(_scatter_value), "result": Zero()}
+    if reduce == "prod":
+        return {"self": SINGULAR, "src": SINGULAR, "result": SINGULAR}
+    return {}
+
+
+def _index_reduce_rule(node: Any) -> Dict[str, Form]:
+    reduce = node._saved_reduce
+    if reduce in ("amax", "amin"):
+        return {"self": Winners(lambda v, n: v["result"]), "source": Winners(_index_reduce_value),
+                "result": Zero()}
+    if reduce == "prod":
+        return {"self": SINGULAR, "source": SINGULAR, "result": SINGULAR}
+    return {}
+
+
+# node name -> {field: form}, or a function of the node giving that dict. Fields not listed are
+# quantized; built-in nodes not listed too. Entries are grouped by why.
+RULES: Dict[str, Union[Dict[str, Form], Callable[[Any], Dict[str, Form]]]] = {
+    # Matrix products: operands used linearly (projection allowed). A constant sparse A in A @ X needs
+    # X only for A's gradient.
+    "MmBackward0": {"self": LINEAR, "mat2": Unneeded(0, LINEAR)},
+    "AddmmBackward0": {"mat1": LINEAR, "mat2": LINEAR},
+    "BmmBackward0": {"self": LINEAR, "mat2": LINEAR},
+    "BaddbmmBackward0": {"batch1": LINEAR, "batch2": LINEAR},
+    "SparseMmReduceImplBackward0": {"other": Unneeded(0, LINEAR)},
+    "SparseAddmmBackward0": {"mat2": Unneeded(1, LINEAR)},
+    # Normalisation: the input is normal-like; the statistics are kept.
+    "NativeBatchNormBackward0": {"input": NORMAL, "result1": STATS, "result2": STATS},
+    "NativeLayerNormBackward0": {"input": NORMAL, "result1": STATS, "result2": STATS},
+    "NativeGroupNormBackward0": {"input": NORMAL, "result1": STATS, "result2": STATS},
+    "CudnnBatchNormBackward0": {"input": NORMAL, "result1": STATS, "result2": STATS, "result3": STATS},
+    "RmsNormBackward0": {"input": NORMAL, "rstd": STATS},
+    "FusedRmsNormBackward0": {"input": NORMAL, "rstd": STATS},
+    # Comparisons: only the bits the backward reads.
+    "ReluBackward0": {"result": RELU},
+    "ThresholdBackward0": {"self": THRESHOLD},
+    "LeakyReluBackward0": {"self": POSITIVE},
+    "LeakyReluBackward1": {"result": POSITIVE},
+    "HardtanhBackward0": {"self": HARDTANH},
+    "ClampBackward1": {"self": CLAMP},
+    "ClampMinBackward0": {"self": Bits(lambda x, n: x >= float(n._saved_min), _attr("min"), lambda n: -math.inf)},
+    "ClampMaxBackward0": {"self": Bits(lambda x, n: x <= float(n._saved_max), _attr("max"), lambda n: math.inf)},
+    "HardshrinkBackward0": {"self": SHRINK},
+    "SoftshrinkBackward0": {"self": SHRINK},
+    # Max/min reductions: winners found by equality with the result.
+    "AmaxBackward0": _AMAX,
+    "AminBackward0": _AMAX,
+    "MaxBackward1": _EVEN,
+    "MinBackward1": _EVEN,
+    "MedianBackward0": _EVEN,
+    "NanmedianBackward0": _EVEN,
+    "ScatterReduceBackward0": _scatter_rule,
+    "IndexReduceBackward0": _index_reduce_rule,
+}
+
+
+def node_rule(node: Any) -> Optional[Dict[str, Form]]:
+    """The forms for ``node``'s saved fields (missing fields: quantized), or ``None`` for a custom
+    autograd Function, whose backward exactq cannot read (all its saved tensors are kept)."""
+    if _is_custom(node):
+        return None
+    rule = RULES.get(type(node).__name__, {})
+    return rule(node) if callable(rule) else rule
+
+
+def _is_custom(node: Any) -> bool:
+    return isinstance(node, torch.autograd.function.BackwardCFunction) or "CppNode" in type(node).__name__
