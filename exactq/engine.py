@@ -55,7 +55,7 @@ _MAX_PROBED_NODES = 64
 _CAST_NODES = frozenset({
     "ToCopyBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0",
     "UnsafeViewBackward0", "ExpandBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
-    "SqueezeBackward2", "AliasBackward0", "CloneBackward0", "ReshapeAliasBackward0",
+    "SqueezeBackward2", "AliasBackward0", "ReshapeAliasBackward0",
 })
 
 
@@ -438,8 +438,9 @@ class HookEngine:
             r = EF.projected_width(d, self.config.rp_ratio)
             if r < d:
                 return self._share(h, t, saved, R.PROJECTED, (r,), lambda: self._project(t, r), _unproject)
-        return self._share(h, t, saved, R.QUANTIZED, (form.normal_like,),
-                           lambda: self._quantize(t, form.normal_like), _dequantize)
+        block_size = form.row_blocks(h.site[0]) if form.row_blocks is not None else None
+        return self._share(h, t, saved, R.QUANTIZED, (form.normal_like, block_size),
+                           lambda: self._quantize(t, form.normal_like, block_size), _dequantize)
 
     def _store_bits(self, h: _Packed, t: torch.Tensor, form: rules.Bits, node: Any, saved: str) -> None:
         tv, fv = form.true_value(node), form.false_value(node)
@@ -471,8 +472,8 @@ class HookEngine:
         self._calls += 1
         return (self._seed + self._calls * _SEED_STEP) % (2**63 - 1)
 
-    def _quantize(self, t: torch.Tensor, normal_like: bool) -> EF.QuantizedTensor:
-        block_size = self.config.block_size_for(t.shape)
+    def _quantize(self, t: torch.Tensor, normal_like: bool, block_size: Optional[int] = None) -> EF.QuantizedTensor:
+        block_size = block_size or self.config.block_size_for(t.shape)
         nonuniform = self.config.nonuniform_for(normal_like)
         return EF.quantize(t, self.config.bits, block_size, nonuniform, self._next_seed())
 
@@ -526,6 +527,11 @@ class HookEngine:
 
     def _store_once(self, h: _Packed, t: torch.Tensor, saved: str, kind: str, payload: Any,
                     restore: Callable[[_RestoreBuffers, Any], torch.Tensor]) -> None:
+        q = payload if isinstance(payload, EF.QuantizedTensor) else payload[0]
+        if isinstance(q, EF.QuantizedTensor) and not bool(q.stats.isfinite().all()):
+            # A block with NaN or Inf would restore as NaN throughout; kept, they propagate as in fp32
+            # (masked log-softmax's -inf has a finite gradient). The block statistics tell at no cost.
+            return self._store_kept(h, t, saved, "holds NaN or Inf (kept so they propagate as in fp32)")
         self.records.append(R.Record(kind, h.op, self._count_original(t), _payload_bytes(payload), saved))
         h.settle(payload, functools.partial(restore, self._buffers()))
 
@@ -551,6 +557,8 @@ _PLACEHOLDER = torch.empty(0)
 
 def _is_zero_or_one_value(t: torch.Tensor) -> bool:
     """Whether every element of ``t`` is 0 or its maximum (one pass each; only for history-less tensors)."""
+    if t.numel() == 0:
+        return False
     top = t.amax()
     return bool(torch.logical_or(t == 0, t == top).all())
 

@@ -3,7 +3,6 @@ checkpoint, autocast, compile, lazy modules, nested tensors, sparse tensors buil
 import contextlib
 import copy
 import io
-import math
 import warnings
 
 import pytest
@@ -306,11 +305,12 @@ def test_lazy_modules_and_nested_tensors():
         model(g.x, g.edge_index).sum().backward()
     a = torch.randn(3, 4, requires_grad=True)
     b = torch.randn(5, 4, requires_grad=True)
-    with exactq.compress(bits=8, min_numel=0) as s:
+    with exactq.compress(bits=8, min_numel=0) as session:
         nt = torch.nested.as_nested_tensor([a * 2, b * 2])
         out = (nt * nt).to_padded_tensor(0.0)
     out.sum().backward()
     assert torch.allclose(a.grad, 8 * a.detach()) and torch.allclose(b.grad, 8 * b.detach())
+    assert any("nested tensor" in reason for reason in session.report().kept)  # kept exactly, counted
 
 
 def test_sparse_adjacency_built_in_the_forward_is_counted():
@@ -341,7 +341,8 @@ def test_pytest_plugin_runs_tests_inside_a_block(tmp_path):
         "    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is not None\n"
         "    x = torch.randn(100, 100, requires_grad=True)\n"
         "    (x.sin() * 2).sum().backward()\n"
-        "    assert torch.allclose(x.grad, 2 * x.detach().cos(), atol=0.05)\n"
+        "    exact = 2 * x.detach().cos()\n"
+        "    assert float((x.grad - exact).norm() / exact.norm()) < 0.02  # 8-bit: close, not equal\n"
     )
     args = [sys.executable, "-m", "pytest", "-q", "-p", "exactq.testing", str(tmp_path)]
     on = subprocess.run(args + ["--exactq-bits", "8"], capture_output=True, text=True, cwd=tmp_path, timeout=120)

@@ -94,3 +94,19 @@ def test_scale_products_quick(tmp_path):
     predicted_fp32 = float(rows["exactq"]["predicted_fp32_activation_GB"])
     stored = float(rows["exactq"]["stored_activation_GB"])
     assert predicted_fp32 / stored > 10
+
+
+def test_opinfo_sweep_quick(tmp_path):
+    out = _run("opinfo_sweep.py", tmp_path)
+    rows = _rows(tmp_path / "opinfo_sweep_quick.csv")
+    assert len(rows) >= 20 and "0 ops failing with exactq only" in out
+    assert all(int(r["nonfinite"]) == 0 for r in rows)
+
+
+def test_max_aggregation_quick(tmp_path):
+    _run("max_aggregation.py", tmp_path)
+    (mem,) = _rows(tmp_path / "max_aggregation_memory_quick.csv")
+    # The max aggregation's E x F input becomes one bit per element and its result nothing.
+    assert float(mem["x smaller"]) >= 8
+    assert float(mem["report stored MB"]) == pytest.approx(float(mem["INT2 MB"]), rel=0.05)
+    assert len(_rows(tmp_path / "max_aggregation_accuracy_quick.csv")) == 3
