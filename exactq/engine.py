@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import sys
 import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -46,6 +47,8 @@ from .memory import sparse_parts as _sparse_parts
 from .memory import storage_id as _storage_id
 
 _FLOATS = set(EF.FLOAT_DTYPES)
+# Python-level names of the dropout ops: on CPU they save a float noise tensor {0, 1 / (1 - p)}.
+_DROPOUT_OPS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout"})
 _SEED_STEP = 0x9E3779B97F4A7C15
 # Nodes the engine walks from an op's outputs to find the nodes holding its pending handles: the op's
 # own nodes come first; a composite op makes a handful.
@@ -189,7 +192,9 @@ class _Packed:
         self.describe = f"[{t.dtype}, {t.layout}, shape {list(t.shape) if not t.is_nested else 'nested'}]"
         self.pending: Optional[torch.Tensor] = t if restore_fn is None else None
         self.op = op
-        self.site: Optional[Tuple[Any, str]] = None  # (node, field) once a probe found it
+        # The field a probe found it in. Never the node itself: the node holds this handle, and a
+        # reference back would keep every graph alive that is dropped without a backward.
+        self.site: Optional[str] = None
 
     def settle(self, payload: Any, restore_fn: Callable[[Any], torch.Tensor]) -> None:
         self.payload, self.restore_fn, self.pending = payload, restore_fn, None
@@ -307,6 +312,11 @@ class HookEngine:
             if t.grad_fn is None:
                 return self._keep_now(t, name, R.EXTERNAL)
             return self._keep_now(t, name, R.UNCOMPRESSED, f"tensor subclass {type(t).__name__}")
+        if self.tracker.current is None and not isinstance(t, torch.nn.Parameter) and _called_from_compiled_region():
+            # A compiled graph's intermediates have no autograd history (they look like inputs): all it
+            # saves but parameters counts as kept activations (its inputs too, an overcount).
+            _warn_compiled()
+            return self._keep_now(t, name, R.UNCOMPRESSED, _COMPILED_REASON)
         if self._is_external(t):
             return self._keep_now(t, name, R.EXTERNAL)
         if _is_parameter_cast(t):
@@ -376,24 +386,19 @@ class HookEngine:
             self._probe = []
             try:
                 values[field] = node.saved_tensors if field == "saved_tensors" else getattr(node, "_saved_" + field)
-            except RuntimeError:  # released or undefined
+            except Exception:  # released, undefined, or a field exactq cannot read: left pending
                 values[field] = None
             finally:
                 hits, self._probe = self._probe, None
             for h in hits:
                 if h.site is None and h.pending is not None:
-                    h.site = (node, field)
+                    h.site = field
                     handles.setdefault(field, []).append(h)
         return values, handles
 
     def _settle_node(self, node: Any, values: Dict[str, Any], handles: Dict[str, List[_Packed]]) -> None:
         node_name = type(node).__name__
         rule = rules.node_rule(node)
-        if rule is None and node_name.startswith("CompiledFunction"):
-            warnings.warn(
-                "exactq: the tensors a torch.compile'd region saves for backward are kept exactly (the compiled "
-                "backward may use them in any way); exactq compresses what eager code saves. Run the model eagerly "
-                "inside exactq.compress for the memory saving (README, 'torch.compile').", stacklevel=2)
         if rule is not None and any(isinstance(f, rules.Zero) for f in rule.values()):
             # Winners are restored against a result restored as zeros: all of them or none.
             if not all(k in handles for k, f in rule.items() if isinstance(f, rules.Zero)):
@@ -430,17 +435,17 @@ class HookEngine:
             return self._store_kept(h, t, saved, f"small (fewer than min_numel={self.config.min_numel} elements)")
         if t.untyped_storage().nbytes() < t.numel() * t.element_size():
             return self._store_kept(h, t, saved, "overlapping memory (an expanded view)")
-        if t.grad_fn is None and _is_zero_or_one_value(t):
-            # Made inside the op without history, taking values 0 and v only: dropout's noise on CPU.
+        if t.grad_fn is None and (h.op in _DROPOUT_OPS or _is_zero_or_one_value(t)):
+            # Made inside the op without history, taking values 0 and v only: dropout's noise on CPU
+            # (bernoulli(1 - p) / (1 - p), two-valued by construction), or checked to be so.
             return self._share(h, t, saved, R.MASK, (), lambda: _pack_two_valued(t), _unpack_mask)
         if self.config.rp_ratio is not None and self.config.rp_ratio < 1 and t.dim() >= 2 and form.linear:
             d = t.shape[-1]
             r = EF.projected_width(d, self.config.rp_ratio)
             if r < d:
                 return self._share(h, t, saved, R.PROJECTED, (r,), lambda: self._project(t, r), _unproject)
-        block_size = form.row_blocks(h.site[0]) if form.row_blocks is not None else None
-        return self._share(h, t, saved, R.QUANTIZED, (form.normal_like, block_size),
-                           lambda: self._quantize(t, form.normal_like, block_size), _dequantize)
+        return self._share(h, t, saved, R.QUANTIZED, (form.normal_like, form.block_size),
+                           lambda: self._quantize(t, form.normal_like, form.block_size), _dequantize)
 
     def _store_bits(self, h: _Packed, t: torch.Tensor, form: rules.Bits, node: Any, saved: str) -> None:
         tv, fv = form.true_value(node), form.false_value(node)
@@ -490,8 +495,8 @@ class HookEngine:
         """Bytes autograd would hold for ``t``: its size the first time the tensor is seen, else 0.
         A sparse tensor is keyed on its values and pins the storages of its parts made in the
         session (a CSR made from a COO adjacency may reuse the COO's values)."""
-        if t.is_nested:
-            return 0 if self._counted.get((id(t),)) else (self._counted.put((id(t),), t, True) or t.values().nbytes)
+        if t.is_nested:  # no single strided storage to key on: counted each time it is saved
+            return t.values().nbytes
         parts = _sparse_parts(t) if t.layout != torch.strided else (t,)
         if not parts:
             return 0
@@ -553,14 +558,39 @@ class HookEngine:
 
 
 _PLACEHOLDER = torch.empty(0)
+_COMPILED_REASON = "saved by a torch.compile'd region (its compiled backward may read it in any way)"
+
+
+def _called_from_compiled_region() -> bool:
+    """Whether this save comes from the autograd Function that runs a compiled graph (AOTAutograd's
+    runtime wrappers call it): a few frames up, only checked for saves made outside any op."""
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if "_aot_autograd" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _warn_compiled() -> None:
+    warnings.warn(
+        "exactq: the tensors a torch.compile'd region saves for backward are kept exactly (its compiled backward "
+        "may read them in any way); exactq compresses what eager code saves. Run the model eagerly inside "
+        "exactq.compress for the memory saving (README, 'torch.compile').", stacklevel=3)
 
 
 def _is_zero_or_one_value(t: torch.Tensor) -> bool:
-    """Whether every element of ``t`` is 0 or its maximum (one pass each; only for history-less tensors)."""
+    """Whether every element of ``t`` is 0 or its maximum. Only for history-less saved tensors other
+    than dropout's noise (rare); a sample of the first elements rules most of them out cheaply."""
     if t.numel() == 0:
         return False
-    top = t.amax()
-    return bool(torch.logical_or(t == 0, t == top).all())
+    flat, top = t.reshape(-1), t.amax()
+    for part in (flat[:4096], flat):
+        if not bool(torch.logical_or(part == 0, part == top).all()):
+            return False
+    return True
 
 
 def _pack_two_valued(t: torch.Tensor, positive: bool = False,

@@ -40,13 +40,13 @@ class Keep:
 class Quantize:
     """Block-wise quantized. ``normal_like``: values are normal-like (normalisation inputs), where the
     non-uniform INT2 levels help; ``linear``: the backward uses it linearly (a matrix product's
-    operand), so random projection (``rp_ratio``) is unbiased there; ``row_blocks``: a function of the
-    node giving the elements of one normalised row, used as the block size (layer norm divides each
-    row by its own spread, so a block must not mix a flat row with a wide one)."""
+    operand), so random projection (``rp_ratio``) is unbiased there; ``block_size``: overrides the
+    config's (layer norm divides each row by its own spread, so its blocks are its rows: a block must
+    not mix a flat row with a wide one)."""
 
     normal_like: bool = False
     linear: bool = False
-    row_blocks: Optional[Callable[[Any], int]] = None
+    block_size: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,8 @@ SIGN = Keep("backward uses its sign or compares it: rounding near zero flips it"
 INDEX = Keep("backward selects or compares with it")
 LINALG = Keep("matrix factorisation: backward solves with the factors, so rounding is amplified")
 CUSTOM = Keep("custom autograd Function: exactq cannot see how its backward uses what it saves")
-UNKNOWN = Keep("saved outside any op exactq could trace")
+UNKNOWN = Keep("its node was not found from the op's outputs (e.g. an in-place op on a view)")
+
 
 def _one(node: Any) -> float:
     return 1.0
@@ -172,30 +173,25 @@ def _layer_norm_rule(node: Any) -> Dict[str, Form]:
     row = math.prod(node._saved_normalized_shape)
     if row < 16:  # a row this short can be flat next to its mean's bf16 precision: divided by ~sqrt(eps)
         return {"input": Keep("layer norm over fewer than 16 elements"), "result1": STATS, "result2": STATS}
-    return {"input": Quantize(normal_like=True, row_blocks=lambda n: row), "result1": STATS, "result2": STATS}
+    return {"input": Quantize(normal_like=True, block_size=row), "result1": STATS, "result2": STATS}
 
 
 _AMAX = {"self": Winners(_reduced_result), "result": Zero()}
 _EVEN = {"self": Winners(lambda v, n: v["result"], nan_wins=True), "result": Zero()}
 
 
-def _scatter_rule(node: Any) -> Dict[str, Form]:
-    reduce = node._saved_reduce
-    if reduce in ("amax", "amin"):
-        return {"self": Winners(lambda v, n: v["result"]), "src": Winners(_scatter_value), "result": Zero()}
-    if reduce == "prod":
-        return {"self": SINGULAR, "src": SINGULAR, "result": SINGULAR}
-    return {}
+def _reduce_rule(source: str, value: Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]):
+    """``scatter_reduce`` / ``index_reduce``: amax/amin compare ``self`` with the result and ``source``
+    with ``value`` (the result gathered back to it); prod divides by them."""
 
+    def rule(node: Any) -> Dict[str, Form]:
+        if node._saved_reduce in ("amax", "amin"):
+            return {"self": Winners(lambda v, n: v["result"]), source: Winners(value), "result": Zero()}
+        if node._saved_reduce == "prod":
+            return {"self": SINGULAR, source: SINGULAR, "result": SINGULAR}
+        return {}
 
-def _index_reduce_rule(node: Any) -> Dict[str, Form]:
-    reduce = node._saved_reduce
-    if reduce in ("amax", "amin"):
-        return {"self": Winners(lambda v, n: v["result"]), "source": Winners(_index_reduce_value),
-                "result": Zero()}
-    if reduce == "prod":
-        return {"self": SINGULAR, "source": SINGULAR, "result": SINGULAR}
-    return {}
+    return rule
 
 
 # node name -> {field: form}, or a function of the node giving that dict. Fields not listed are
@@ -235,8 +231,8 @@ RULES: Dict[str, Union[Dict[str, Form], Callable[[Any], Dict[str, Form]]]] = {
     "MinBackward1": _EVEN,
     "MedianBackward0": _EVEN,
     "NanmedianBackward0": _EVEN,
-    "ScatterReduceBackward0": _scatter_rule,
-    "IndexReduceBackward0": _index_reduce_rule,
+    "ScatterReduceBackward0": _reduce_rule("src", _scatter_value),
+    "IndexReduceBackward0": _reduce_rule("source", _index_reduce_value),
     # Found by the OpInfo sweep (relative gradient error above 0.05 at 8 bits, or non-finite where
     # fp32 is finite): backwards that compare, select or divide.
     "ClampBackward0": {"self": SIGN, "min": SIGN, "max": SIGN},

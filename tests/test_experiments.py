@@ -109,4 +109,12 @@ def test_max_aggregation_quick(tmp_path):
     # The max aggregation's E x F input becomes one bit per element and its result nothing.
     assert float(mem["x smaller"]) >= 8
     assert float(mem["report stored MB"]) == pytest.approx(float(mem["INT2 MB"]), rel=0.05)
-    assert len(_rows(tmp_path / "max_aggregation_accuracy_quick.csv")) == 3
+    assert len(_rows(tmp_path / "max_aggregation_accuracy_quick.csv")) == 3  # the synthetic graph's three models
+
+
+def test_bench_compile_quick(tmp_path):
+    _run("bench_compile.py", tmp_path)
+    rows = {(r["mode"], r["exactq"]): r for r in _rows(tmp_path / "bench_compile_quick.csv")}
+    assert float(rows[("eager", "INT2")]["saved x smaller vs fp32 same mode"]) >= 8  # eager compresses
+    # Compiled regions' saved tensors are kept exactly: compiled + exactq stores about what compiled fp32 does.
+    assert float(rows[("compiled", "INT2")]["saved x smaller vs fp32 same mode"]) == pytest.approx(1.0, rel=0.2)
