@@ -48,7 +48,8 @@ setup(
     packages=find_packages(include=["exactq", "exactq.*"]),
     python_requires=">=3.10",
     install_requires=["torch==2.13.0", "torch_geometric>=2.5", "numpy", "tqdm"],
-    extras_require={"test": ["pytest", "matplotlib", "expecttest"], "scatter": ["torch_scatter"]},
+    extras_require={"test": ["pytest", "matplotlib", "expecttest"], "scatter": ["torch_scatter"],
+                    "sampling": ["torch_sparse"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

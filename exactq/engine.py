@@ -450,14 +450,13 @@ class HookEngine:
     def _store_bits(self, h: _Packed, t: torch.Tensor, form: rules.Bits, node: Any, saved: str) -> None:
         tv, fv = form.true_value(node), form.false_value(node)
         fused = form.test if isinstance(form.test, str) else None
-        probe = torch.tensor([tv, fv], dtype=t.dtype)
-        ok = (probe != 0 if fused == "nonzero" else probe > 0 if fused == "positive" else form.test(probe, node))
-        if ok.tolist() != [True, False]:  # the stand-in values would not reproduce the test: keep
-            return self._store_kept(h, t, saved, "no stand-in values for its comparison")
-        if fused is not None and fv == 0:
+        test = _FUSED_TESTS[fused] if fused is not None else form.test
+        if test(torch.tensor([tv, fv], dtype=t.dtype), node).tolist() != [True, False]:
+            return self._store_kept(h, t, saved, "no stand-in values for its comparison")  # would not reproduce it
+        if fused is not None and fv == 0:  # pack_mask computes the test itself, unpack_mask writes tv-or-0
             return self._share(h, t, saved, R.SIGN, (fused, tv),
                                lambda: _pack_two_valued(t, fused == "positive", t.new_full((), tv)), _unpack_mask)
-        bits = form.test(t, node)
+        bits = test(t, node)
         if fv == 0 or tv == 0:  # restored in one pass: value where the stored bit is set, else 0
             stored, value = (bits, tv) if fv == 0 else (~bits, fv)
             return self._store_once(h, t, saved, R.COMPARISON, (EF.pack_mask(stored), t.new_full((), value)),
@@ -558,6 +557,9 @@ class HookEngine:
 
 
 _PLACEHOLDER = torch.empty(0)
+# The tests exactq.pack_mask computes itself (rules.Bits names them).
+_FUSED_TESTS: Dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {
+    "nonzero": lambda x, node: x != 0, "positive": lambda x, node: x > 0}
 _COMPILED_REASON = "saved by a torch.compile'd region (its compiled backward may read it in any way)"
 
 

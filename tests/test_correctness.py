@@ -14,6 +14,12 @@ import exactq
 from exactq import report as R
 
 
+def torch_geometric_typing():
+    import torch_geometric.typing
+
+    return torch_geometric.typing
+
+
 def _input_grads(fn, inputs, ctx, weight_seed=0):
     for x in inputs:
         x.grad = None
@@ -364,3 +370,38 @@ def test_graphs_dropped_without_backward_are_freed():
                 out = torch.relu(lin(x)).amax(1)
             del out
         assert mem.live_bytes() == 0
+
+
+@pytest.mark.skipif(not (torch_geometric_typing().WITH_TORCH_SPARSE or torch_geometric_typing().WITH_PYG_LIB),
+                    reason="NeighborLoader needs torch-sparse or pyg-lib (.ci/install builds torch-sparse; "
+                           "its build failed or was skipped here)")
+def test_neighbor_loader_mini_batch_training():
+    """Mini-batch training with PyG's NeighborLoader, each batch's forward inside a block."""
+    from torch_geometric.loader import NeighborLoader
+    from torch_geometric.nn import GraphSAGE
+
+    from exactq.data import load_planetoid
+
+    data = load_planetoid("Cora")
+    accs, ratios = {}, []
+    for bits in (None, 2):
+        torch.manual_seed(0)
+        loader = NeighborLoader(data, num_neighbors=[10, 10], batch_size=256, input_nodes=data.train_mask,
+                                shuffle=True)
+        model = GraphSAGE(data.num_features, 64, 2, 7, dropout=0.5)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=5e-4)
+        for _ in range(20):
+            model.train()
+            for batch in loader:
+                opt.zero_grad()
+                with exactq.compress(bits=bits) if bits else contextlib.nullcontext() as s:
+                    out = model(batch.x, batch.edge_index)[: batch.batch_size]
+                F.cross_entropy(out, batch.y[: batch.batch_size]).backward()
+                opt.step()
+                if bits:
+                    ratios.append(s.report().ratio)
+        model.eval()
+        with torch.no_grad():
+            accs[bits] = float((model(data.x, data.edge_index).argmax(1) == data.y)[data.test_mask].float().mean())
+    assert accs[None] > 0.7 and abs(accs[2] - accs[None]) < 0.03, accs
+    assert min(ratios) > 5  # each batch's saved activations compressed
