@@ -43,6 +43,7 @@ from . import rules
 from .config import Config
 from .memory import arg_storages as _arg_storages
 from .memory import arg_tensors as _arg_tensors
+from .memory import has_storage as _has_storage
 from .memory import sparse_parts as _sparse_parts
 from .memory import storage_id as _storage_id
 
@@ -150,7 +151,7 @@ class OpTracker(TorchFunctionMode):
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out) if isinstance(out, (tuple, list)) else ()
         # Outputs with autograd history are activations anyway; only history-less ones need noting
         # (integer ones too: a sparse tensor built in the forward is made of them).
-        fresh = [o for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is None and not o.is_nested]
+        fresh = [o for o in outs if _has_storage(o) and o.grad_fn is None]
         if fresh:
             existing = _arg_storages(args, kwargs)  # computed once per op, only when needed
             for o in fresh:

@@ -19,7 +19,7 @@ def storage_id(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def _has_storage(t: object) -> bool:
+def has_storage(t: object) -> bool:
     # Lazy modules' uninitialised parameters have no storage yet (touching it raises); nested
     # tensors have no single one.
     return isinstance(t, torch.Tensor) and not isinstance(t, UninitializedTensorMixin) and not t.is_nested
@@ -30,8 +30,8 @@ def arg_tensors(args, kwargs):
     signatures allow; a shallow scan, much cheaper than a pytree flatten on this hot path)."""
     for a in (*args, *kwargs.values()):
         if isinstance(a, (list, tuple)):
-            yield from (b for b in a if _has_storage(b))
-        elif _has_storage(a):
+            yield from (b for b in a if has_storage(b))
+        elif has_storage(a):
             yield a
 
 

@@ -302,8 +302,13 @@ def test_lazy_modules_and_nested_tensors():
 
     from exactq.data import synthetic_graph
 
+    from torch_geometric.nn import Linear
+
     with exactq.compress(bits=8, min_numel=0):
-        y = torch.nn.LazyLinear(4)(torch.randn(3, 5))
+        lazy = torch.nn.LazyLinear(4)
+        y = lazy(torch.randn(3, 5))
+        pyg_lazy = Linear(-1, 8).to("cpu")  # .to() of an uninitialised parameter is a tracked op (PyG's test)
+        assert copy.deepcopy(pyg_lazy)(torch.randn(2, 5)).shape == (2, 8)
     assert y.shape == (3, 4)
     g = synthetic_graph(200, 16, 1000, 4, seed=0)
     torch.manual_seed(0)
