@@ -12,7 +12,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
@@ -119,11 +119,3 @@ def sweep_op(op, bits: int = 8, samples: int = 3, seed: int = 0) -> Iterator[Sam
             kept = report.by_kind.get(exactq.report.UNCOMPRESSED)
             saved = sum(t.count for k_, t in report.by_kind.items() if k_ != exactq.report.EXTERNAL)
             yield SampleResult(name, k, error, nonfinite, kept.count if kept else 0, saved)
-
-
-def sweep(ops: Optional[Iterable] = None, bits: int = 8, samples: int = 3, seed: int = 0) -> List[SampleResult]:
-    """:func:`sweep_op` over ``ops`` (default: every differentiable float32 op of the OpInfo database)."""
-    out: List[SampleResult] = []
-    for op in differentiable_ops() if ops is None else ops:
-        out.extend(sweep_op(op, bits, samples, seed))
-    return out
