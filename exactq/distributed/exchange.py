@@ -1,0 +1,188 @@
+"""Halo exchange: owned boundary rows to the ranks that need them (forward), halo gradients back to
+their owners (backward), as exact or quantized messages over ``all_to_all_single``.
+
+A quantized message is a rank's rows for one peer, each row a block of exactq's quantizer (one
+bfloat16 min and range per row, unbiased stochastic rounding at 1/2/4/8 bits): codes then stats, as
+bytes. A constant row has range 0 and arrives exactly; a row holding NaN or Inf arrives as NaN (its
+stats are NaN), so a non-finite value still makes the loss non-finite, as in fp32.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .. import _ops
+from ..functional import draw_seed
+from .shard import ExchangePlan
+
+MESSAGE_BITS = (1, 2, 4, 8)
+Bits = Optional[int]  # None: exact
+
+
+def check_message_bits(bits: object, allow_auto: bool = True) -> object:
+    if bits is None or (allow_auto and bits == "auto") or (
+            not isinstance(bits, bool) and isinstance(bits, int) and bits in MESSAGE_BITS):
+        return bits
+    accepted = f"None (exact), {', '.join(map(str, MESSAGE_BITS))}" + (" or 'auto'" if allow_auto else "")
+    raise ValueError(f"message_bits must be {accepted}, got {bits!r}")
+
+
+def message_nbytes(rows: int, width: int, bits: Bits, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of a message of ``rows`` rows of ``width`` values: per-row stats and codes, padded to a
+    multiple of 4 so that every message of a concatenated buffer can be viewed in place."""
+    if bits is None:
+        n = rows * width * torch.empty((), dtype=dtype).element_size()
+    else:
+        n = rows * 4 + (rows * width * bits + 7) // 8
+    return -(-n // 4) * 4
+
+
+def encode(rows: torch.Tensor, bits: Bits, seed: int) -> torch.Tensor:
+    """A (rows, width) tensor as message bytes (uint8, 1-D): exact values, or bfloat16 (min, range)
+    per row followed by the codes."""
+    if rows.shape[0] == 0:
+        return rows.new_empty((0,), dtype=torch.uint8)
+    if bits is None:
+        parts = [rows.contiguous().view(-1).view(torch.uint8)]
+    else:
+        packed, stats = _ops.quantize(rows.detach(), bits, rows.shape[1], None, seed)
+        parts = [stats.view(-1).view(torch.uint8), packed]
+    pad = message_nbytes(rows.shape[0], rows.shape[1], bits, rows.dtype) - sum(p.numel() for p in parts)
+    return torch.cat(parts + [rows.new_zeros((pad,), dtype=torch.uint8)])
+
+
+def decode(buf: torch.Tensor, rows: int, width: int, bits: Bits, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`encode` (up to the stochastic rounding); ``buf`` starts 4-byte aligned."""
+    if rows == 0:
+        return buf.new_empty((0, width), dtype=dtype)
+    if bits is None:
+        n = rows * width * torch.empty((), dtype=dtype).element_size()
+        return buf[:n].view(dtype).view(rows, width)
+    stats = buf[:rows * 4].view(torch.bfloat16).view(rows, 2)
+    codes = buf[rows * 4:rows * 4 + (rows * width * bits + 7) // 8]
+    return _ops.dequantize(codes, stats, bits, width, None, rows * width, dtype).view(rows, width)
+
+
+@dataclass
+class ExchangeStats:
+    """Counters of one wrapped model's exchanges since the last :meth:`reset` (this rank's view)."""
+
+    bytes_sent: int = 0
+    fp32_bytes: int = 0  # what the same rows would take as float32
+    exchanges: int = 0
+    comm_seconds: float = 0.0  # time spent blocked on the exchange (not hidden by overlap)
+
+    def reset(self) -> None:
+        self.bytes_sent = self.fp32_bytes = self.exchanges = 0
+        self.comm_seconds = 0.0
+
+
+def _splits(counts: Sequence[int], width: int, bits: Sequence[Bits], dtype) -> list:
+    return [message_nbytes(c, width, b, dtype) for c, b in zip(counts, bits)]
+
+
+class _Pending:
+    """An exchange in flight: wait() gives the received bytes."""
+
+    def __init__(self, work, out: torch.Tensor, width: int, dtype, recv_bits, started: float):
+        self.work, self.out, self.width, self.dtype, self.recv_bits = work, out, width, dtype, recv_bits
+        self.started = started
+
+
+class Exchanger:
+    """Sends and receives one shard's halo rows on a process group.
+
+    ``send_bits[q]`` / ``recv_bits[q]``: the bits of the messages to / from rank ``q`` (``None``:
+    exact); every rank must agree on them (rank q's ``send_bits[r]`` is rank r's ``recv_bits[q]``).
+    """
+
+    def __init__(self, plan: ExchangePlan, num_local: int, rank: int, group, stats: ExchangeStats):
+        self.plan, self.num_local, self.rank, self.group, self.stats = plan, num_local, rank, group, stats
+        self._send_offsets = [0]
+        for c in plan.send_counts:
+            self._send_offsets.append(self._send_offsets[-1] + c)
+        self._recv_offsets = [0]
+        for c in plan.recv_counts:
+            self._recv_offsets.append(self._recv_offsets[-1] + c)
+
+    def _seed(self) -> int:
+        return draw_seed() ^ (self.rank * 0x9E3779B97F4A7C15 & (2**63 - 1))
+
+    def _exchange(self, rows: torch.Tensor, offsets, counts_send, counts_recv, bits_recv, bits_send, async_op):
+        """rows: the concatenated per-peer rows to send (peer q's at offsets[q]:offsets[q+1])."""
+        width, dtype = rows.shape[1], rows.dtype
+        seed = self._seed()
+        bufs = [encode(rows[offsets[q]:offsets[q + 1]], bits_send[q], seed + q) for q in range(len(counts_send))]
+        send = torch.cat(bufs) if bufs else rows.new_empty((0,), dtype=torch.uint8)
+        out_splits = _splits(counts_recv, width, bits_recv, dtype)
+        out = torch.empty(sum(out_splits), dtype=torch.uint8, device=rows.device)
+        self.stats.bytes_sent += send.numel()
+        self.stats.fp32_bytes += rows.shape[0] * width * 4
+        self.stats.exchanges += 1
+        started = time.perf_counter()
+        work = dist.all_to_all_single(out, send, out_splits, [b.numel() for b in bufs], group=self.group,
+                                      async_op=async_op)
+        return _Pending(work, out, width, dtype, bits_recv, started)
+
+    def _received(self, pending: _Pending, counts) -> torch.Tensor:
+        t = time.perf_counter()
+        if pending.work is not None:
+            pending.work.wait()
+        self.stats.comm_seconds += time.perf_counter() - t
+        parts, offset = [], 0
+        for c, b in zip(counts, pending.recv_bits):
+            size = message_nbytes(c, pending.width, b, pending.dtype)
+            parts.append(decode(pending.out[offset:offset + size], c, pending.width, b, pending.dtype))
+            offset += size
+        return torch.cat(parts) if parts else pending.out.new_empty((0, pending.width), dtype=pending.dtype)
+
+    def start(self, x: torch.Tensor, send_bits, recv_bits, async_op: bool = True) -> _Pending:
+        """Starts sending this rank's boundary rows of ``x`` (owned rows, 2-D)."""
+        with torch.no_grad():
+            rows = x.detach()[self.plan.send_index]
+            return self._exchange(rows, self._send_offsets, self.plan.send_counts, self.plan.recv_counts,
+                                  recv_bits, send_bits, async_op)
+
+    def finish(self, pending: _Pending) -> torch.Tensor:
+        """The halo rows (in local halo order) of a started exchange."""
+        return self._received(pending, self.plan.recv_counts)
+
+    def reverse(self, grad_halo: torch.Tensor, send_bits, recv_bits) -> torch.Tensor:
+        """Backward: sends halo-row gradients to their owners; returns the gradients this rank's sent
+        rows received, aligned with ``plan.send_index`` (the owner adds them up)."""
+        with torch.no_grad():
+            # Directions swap: what came from q goes back to q at the bits q used for it.
+            pending = self._exchange(grad_halo.contiguous(), self._recv_offsets, self.plan.recv_counts,
+                                     self.plan.send_counts, send_bits, recv_bits, async_op=False)
+            return self._received(pending, self.plan.send_counts)
+
+
+class HaloExchange(torch.autograd.Function):
+    """``cat([x, halo])`` where halo arrives by a started exchange; backward returns the halo rows'
+    gradients to their owners and adds what this rank's sent rows received."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pending: _Pending, exchanger: Exchanger, send_bits, recv_bits):
+        ctx.exchanger, ctx.bits = exchanger, (send_bits, recv_bits)
+        return torch.cat([x, exchanger.finish(pending)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ex = ctx.exchanger
+        n = ex.num_local
+        grad_x = grad[:n].clone()
+        grad_x.index_add_(0, ex.plan.send_index, ex.reverse(grad[n:], *ctx.bits))
+        return grad_x, None, None, None, None
+
+
+def exchange_halo(x: torch.Tensor, exchanger: Exchanger, send_bits, recv_bits,
+                  pending: Optional[_Pending] = None) -> torch.Tensor:
+    """``x`` (owned rows) extended by its halo rows, differentiable; ``pending``: an exchange of the same
+    ``x`` already started with :meth:`Exchanger.start` (to overlap it with other work)."""
+    if pending is None:
+        pending = exchanger.start(x, send_bits, recv_bits, async_op=False)
+    return HaloExchange.apply(x, pending, exchanger, send_bits, recv_bits)

@@ -1,0 +1,409 @@
+"""``exactq.distributed.wrap``: an unchanged PyG model trains on one shard of a partitioned graph.
+
+Each supported message-passing layer is given the halo rows of its input before it aggregates and
+returns rows for owned nodes only; batch norm uses statistics over all ranks; GCN's symmetric
+normalisation uses global degrees; parameter gradients are summed over ranks at the end of each
+backward. Layers whose output for a node depends on more than that node's in-edges and in-neighbours
+(multi-hop propagation, graph-level normalisation or pooling) cannot be distributed this way and are
+refused when wrapping.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch_geometric.nn import (GATConv, GATv2Conv, GCNConv, GINConv, GINEConv, GraphConv, MessagePassing,
+                                SAGEConv, TransformerConv)
+from torch_geometric.nn import aggr as pyg_aggr
+from torch_geometric.nn import norm as pyg_norm
+
+from .exchange import ExchangeStats, Exchanger, check_message_bits, exchange_halo
+from .shard import GraphShard
+
+log = logging.getLogger(__name__)
+
+# Layers whose output row for node v depends only on v's in-edges, in-neighbours and v itself (one
+# propagation): exact once the halo rows are there.
+SUPPORTED_LAYERS = (GCNConv, SAGEConv, GraphConv, GINConv, GINEConv, GATConv, GATv2Conv, TransformerConv)
+# Modules that mix rows across the whole graph (or a graph of a batch).
+_GLOBAL_MODULES = (pyg_norm.GraphNorm, pyg_norm.InstanceNorm, pyg_norm.PairNorm, pyg_norm.MeanSubtractionNorm,
+                   pyg_norm.GraphSizeNorm, pyg_norm.DiffGroupNorm)
+_EDGE_ARGS = ("edge_weight", "edge_attr")
+_ATTR = "_exactq_distributed"
+_CACHE = 8
+
+
+@dataclass(frozen=True)
+class _Split:
+    """An edge list cut by target: central targets (rows [0, num_central)) need no halo row."""
+
+    c_nodes: torch.Tensor  # input rows of the central call: central nodes first, then extra sources
+    c_edges: torch.Tensor  # edge positions
+    c_edge_index: torch.Tensor
+    m_nodes: torch.Tensor  # marginal nodes first, then extra sources (owned or halo)
+    m_edges: torch.Tensor
+    m_edge_index: torch.Tensor
+
+
+class DistributedState:
+    """What a wrapped model carries: the shard, the exchange, its counters and the bits in use."""
+
+    def __init__(self, shard: GraphShard, group, message_bits, overlap: bool):
+        self.shard, self.group, self.message_bits, self.overlap = shard, group, message_bits, overlap
+        self.stats = ExchangeStats()
+        self.exchanger = Exchanger(shard.plan, shard.num_local, shard.rank, group, self.stats)
+        self.layers: List[str] = []
+        self.bits: Dict[int, int] = {}  # layer index -> uniform bits; see bits_for
+        self.adaptive = None  # exactq.distributed.adaptive.AdaptiveBits for message_bits="auto"
+        self._splits: List[Tuple[torch.Tensor, object]] = []
+        self._gcn: List[Tuple[tuple, object]] = []
+        self.hooks: list = []
+
+    # -- bits -------------------------------------------------------------------------------------
+    def bits_for(self, layer: int):
+        """(send_bits, recv_bits) per peer rank for a layer's exchange."""
+        if self.adaptive is not None:
+            return self.adaptive.bits_for(layer)
+        b = self.message_bits
+        return (b,) * self.shard.world_size, (b,) * self.shard.world_size
+
+    # -- graph checks and splits, cached per edge_index object ---------------------------------------
+    @staticmethod
+    def _cached(cache: list, key: tuple, make):
+        """make() memoised on the identity of the objects in ``key`` (they are kept alive by the cache)."""
+        for k, v in cache:
+            if all(a is b for a, b in zip(k, key)):
+                return v
+        v = make()
+        cache.insert(0, (key, v))
+        del cache[_CACHE:]
+        return v
+
+    def split(self, edge_index: torch.Tensor) -> _Split:
+        return self._cached(self._splits, (edge_index,), lambda: self._make_split(edge_index))
+
+    def check_edge_index(self, edge_index: object, layer: str) -> None:
+        s = self.shard
+        if not isinstance(edge_index, torch.Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2 \
+                or edge_index.dtype != torch.long:
+            raise ValueError(f"{layer}: exactq.distributed needs edge_index as a LongTensor (2, num_edges) in the "
+                             f"shard's local numbering (shard.edge_index); SparseTensor / torch.sparse adjacencies "
+                             f"are not supported")
+        if edge_index.numel() and (int(edge_index[1].max()) >= s.num_local or int(edge_index.min()) < 0
+                                   or int(edge_index[0].max()) >= s.num_local + s.num_halo):
+            raise ValueError(f"{layer}: edge_index is not in the shard's local numbering: targets must be < "
+                             f"num_local={s.num_local} and sources < num_local + num_halo="
+                             f"{s.num_local + s.num_halo} (use shard.edge_index)")
+
+    def _make_split(self, edge_index: torch.Tensor) -> _Split:
+        nc, nl = self.shard.num_central, self.shard.num_local
+        src, dst = edge_index
+        central = dst < nc
+        c_edges, m_edges = central.nonzero().view(-1), (~central).nonzero().view(-1)
+        c_src, m_src = src[c_edges], src[m_edges]
+        c_nodes = torch.cat([torch.arange(nc), torch.unique(c_src[c_src >= nc])])
+        m_nodes = torch.cat([torch.arange(nc, nl), torch.unique(m_src[(m_src < nc) | (m_src >= nl)])])
+        remap = torch.full((nl + self.shard.num_halo,), -1, dtype=torch.long)
+        remap[c_nodes] = torch.arange(c_nodes.numel())
+        c_ei = torch.stack([remap[c_src], dst[c_edges]])
+        remap[m_nodes] = torch.arange(m_nodes.numel())
+        m_ei = torch.stack([remap[m_src], remap[dst[m_edges]]])
+        if c_nodes.numel() and int(c_nodes.max()) >= nl:  # a central node with a halo source: broken shard
+            raise RuntimeError("shard ordering broken: a central node has a halo in-neighbour")
+        return _Split(c_nodes, c_edges, c_ei, m_nodes, m_edges, m_ei)
+
+    # -- GCN normalisation with global degrees ------------------------------------------------------
+    def gcn_edges(self, conv: GCNConv, edge_index: torch.Tensor, edge_weight: Optional[torch.Tensor],
+                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """GCN's normalised edge list, as ``gcn_norm`` would give on the whole graph: every owned node's
+        in-edges (and self-loop) are local, so its degree is exact here; halo nodes' degrees come from
+        their owners, exactly."""
+        if edge_weight is not None and edge_weight.requires_grad:
+            raise NotImplementedError("exactq.distributed: GCNConv with an edge_weight that requires grad is not "
+                                      "supported (halo degrees are exchanged without gradient)")
+        key = (edge_index, edge_weight, conv.improved, conv.add_self_loops, dtype)
+        return self._cached(self._gcn, key, lambda: self._gcn_norm(conv, edge_index, edge_weight, dtype))
+
+    def _gcn_norm(self, conv, edge_index, edge_weight, dtype):
+        n = self.shard.num_local
+        src, dst = edge_index
+        w = edge_weight.to(dtype) if edge_weight is not None else torch.ones(src.numel(), dtype=dtype)
+        if conv.add_self_loops:  # PyG's add_remaining_self_loops: an existing self-loop keeps its weight
+            loop = src == dst
+            loop_w = torch.full((n,), 2.0 if conv.improved else 1.0, dtype=dtype)
+            loop_w[dst[loop]] = w[loop]
+            ar = torch.arange(n)
+            src, dst, w = torch.cat([src[~loop], ar]), torch.cat([dst[~loop], ar]), torch.cat([w[~loop], loop_w])
+        deg = torch.zeros(n, dtype=dtype).index_add_(0, dst, w)
+        exact = (None,) * self.shard.world_size
+        halo_deg = self.exchanger.finish(self.exchanger.start(deg[:, None], exact, exact, async_op=False))[:, 0]
+        dinv = torch.cat([deg, halo_deg]).pow(-0.5)
+        dinv.masked_fill_(torch.isinf(dinv), 0.0)
+        return torch.stack([src, dst]), dinv[src] * w * dinv[dst]
+
+
+class _DistributedLayer:
+    """A supported message-passing layer's forward on a shard (installed as the instance's forward)."""
+
+    def __init__(self, state: DistributedState, conv: MessagePassing, index: int):
+        self.state, self.index, self.name = state, index, f"{type(conv).__name__} (layer {index})"
+        self.conv = weakref.ref(conv)  # the module holds this object: no reference cycle
+        self.signature = inspect.signature(type(conv).forward)
+        # Bipartite call (x_src, x_dst): the layer computes rows for the targets only, so modules it
+        # applies to its output rows (GIN's MLP) see exactly the owned rows. GCNConv takes no pair.
+        self.bipartite = not isinstance(conv, GCNConv)
+        # A batch norm inside the layer must see all its rows in one call: no central/marginal split.
+        self.overlap = state.overlap and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                 for m in conv.modules())
+
+    def _call(self, forward, conv, x_src, x_dst, edge_index, arguments) -> torch.Tensor:
+        out = forward(conv, (x_src, x_dst) if self.bipartite else x_src, edge_index, **arguments)
+        if not isinstance(out, torch.Tensor):
+            raise NotImplementedError(f"{self.name}: exactq.distributed supports layers that return one tensor, "
+                                      f"got {type(out).__name__}")
+        return out[:x_dst.shape[0]]
+
+    def __call__(self, *args, **kwargs):
+        conv, state = self.conv(), self.state
+        shard = state.shard
+        arguments = dict(self.signature.bind(conv, *args, **kwargs).arguments)
+        del arguments["self"]
+        x, edge_index = arguments.pop("x"), arguments.pop("edge_index")
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != shard.num_local:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{self.name}: x must be this rank's owned rows, a 2-D tensor with shard.num_local="
+                             f"{shard.num_local} rows, got {got}")
+        state.check_edge_index(edge_index, self.name)
+        if arguments.get("size") is not None:
+            raise NotImplementedError(f"{self.name}: an explicit size is not supported distributed")
+        if arguments.get("return_attention_weights"):
+            raise NotImplementedError(f"{self.name}: return_attention_weights is not supported distributed")
+        forward = type(conv).forward
+        if isinstance(conv, GCNConv) and conv.normalize:
+            edge_index, arguments["edge_weight"] = state.gcn_edges(conv, edge_index, arguments.get("edge_weight"),
+                                                                   x.dtype)
+            forward = _without_normalize(forward)
+        send_bits, recv_bits = state.bits_for(self.index)
+        nc, nl = shard.num_central, shard.num_local
+        if not self.overlap:
+            x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits)
+            if state.adaptive is not None:
+                state.adaptive.observe(self.index, x_full[nl:], edge_index)
+            return self._call(forward, conv, x_full, x, edge_index, arguments)
+        # Overlap: start the exchange, aggregate the central nodes (no halo source) while it travels,
+        # then the marginal ones.
+        pending = state.exchanger.start(x, send_bits, recv_bits, async_op=True)
+        split = state.split(edge_index)
+        out_c = self._call(forward, conv, x[split.c_nodes], x[:nc], split.c_edge_index,
+                           _edges(arguments, split.c_edges))
+        x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits, pending)
+        if state.adaptive is not None:
+            state.adaptive.observe(self.index, x_full[nl:], edge_index)
+        out_m = self._call(forward, conv, x_full[split.m_nodes], x[nc:], split.m_edge_index,
+                           _edges(arguments, split.m_edges))
+        return torch.cat([out_c, out_m])
+
+
+def _edges(arguments: dict, positions: torch.Tensor) -> dict:
+    return {k: (v[positions] if k in _EDGE_ARGS and isinstance(v, torch.Tensor) else v) for k, v in arguments.items()}
+
+
+def _without_normalize(forward):
+    def call(conv, *args, **kwargs):
+        conv.normalize = False  # the edge weights passed are normalised already (global degrees)
+        try:
+            return forward(conv, *args, **kwargs)
+        finally:
+            conv.normalize = True
+    return call
+
+
+class _GlobalBatchNorm:
+    """Batch norm whose training statistics are over all ranks' rows (installed as the forward)."""
+
+    def __init__(self, state: DistributedState, bn: torch.nn.modules.batchnorm._BatchNorm):
+        self.group = state.group
+        self.bn = weakref.ref(bn)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_reduce  # differentiable: backward sums gradients
+
+        bn = self.bn()
+        if x.dim() != 2:
+            raise ValueError(f"exactq.distributed: batch norm over node rows needs a 2-D input, got {tuple(x.shape)}")
+        if not (bn.training or not bn.track_running_stats):
+            return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        count = torch.tensor([float(x.shape[0])], dtype=x.dtype)
+        dist.all_reduce(count, group=self.group)
+        # Two passes (mean, then centred squares) as a single-process batch norm: no cancellation.
+        mean = all_reduce(x.sum(0), group=self.group) / count
+        centred = x - mean
+        var = all_reduce((centred * centred).sum(0), group=self.group) / count
+        y = centred * torch.rsqrt(var + bn.eps)
+        if bn.affine:
+            y = y * bn.weight + bn.bias
+        if bn.training and bn.track_running_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked += 1
+                f = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+                n = float(count)
+                bn.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
+                bn.running_var.mul_(1 - f).add_(var.detach() * (n / max(n - 1, 1.0)), alpha=f)
+        return y
+
+
+class _GradientSync:
+    """Sums every parameter's gradient over ranks at the end of each backward (what this backward
+    added, so gradient accumulation over several backwards stays right)."""
+
+    def __init__(self, params: List[torch.nn.Parameter], group):
+        self.params, self.group = params, group
+        self.before: Optional[List[Optional[torch.Tensor]]] = None
+        self.handles = [p.register_hook(self._hook) for p in params]
+
+    def _hook(self, grad):
+        if self.before is None:  # first parameter of this backward: nothing accumulated yet
+            self.before = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
+            torch.autograd.Variable._execution_engine.queue_callback(self._sync)
+        return grad
+
+    def _sync(self) -> None:
+        before, self.before = self.before, None
+        new = [torch.zeros_like(p) if p.grad is None else (p.grad if b is None else p.grad - b)
+               for p, b in zip(self.params, before)]
+        has = torch.tensor([float(p.grad is not None) for p in self.params], dtype=new[0].dtype)
+        flat = torch.cat([t.reshape(-1) for t in new] + [has])
+        dist.all_reduce(flat, group=self.group)
+        offsets = [0]
+        for t in new:
+            offsets.append(offsets[-1] + t.numel())
+        for i, (p, b) in enumerate(zip(self.params, before)):
+            if float(flat[offsets[-1] + i]) == 0:
+                continue  # no rank has a gradient for it: left None, as on one process
+            total = flat[offsets[i]:offsets[i + 1]].view_as(p)
+            p.grad = total.clone() if b is None else b + total
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _check_module(name: str, module: torch.nn.Module, inside_layer: bool) -> None:
+    if isinstance(module, MessagePassing) and not isinstance(module, SUPPORTED_LAYERS):
+        raise NotImplementedError(
+            f"exactq.distributed cannot distribute {name} ({type(module).__name__}): supported message-passing "
+            f"layers are {', '.join(c.__name__ for c in SUPPORTED_LAYERS)} (one propagation whose output for a "
+            f"node reads only its in-edges and in-neighbours)")
+    if isinstance(module, _GLOBAL_MODULES) or (isinstance(module, pyg_norm.LayerNorm) and module.mode == "graph"):
+        raise NotImplementedError(f"exactq.distributed cannot distribute {name} ({type(module).__name__}): it mixes "
+                                  f"rows across the whole graph")
+    if isinstance(module, pyg_aggr.Aggregation) and not inside_layer:
+        raise NotImplementedError(f"exactq.distributed cannot distribute {name} ({type(module).__name__}) outside a "
+                                  f"message-passing layer: graph-level pooling over a sharded graph is not supported")
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, torch.nn.BatchNorm1d):
+        raise NotImplementedError(f"exactq.distributed: {name} ({type(module).__name__}) is not supported; batch "
+                                  f"norm over node rows is BatchNorm1d")
+
+
+def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: bool = True, group=None,
+         auto_every: int = 10) -> torch.nn.Module:
+    """Makes an unchanged PyG model train on one rank's shard of a partitioned graph.
+
+    After wrapping, ``model(shard.x, shard.edge_index)`` (the model's usual call on the shard) returns
+    rows for the owned nodes; every supported message-passing layer first receives its input's halo
+    rows from the ranks that own them. Write each rank's loss as its share of the full-graph loss
+    (e.g. ``F.cross_entropy(out[m], y[m], reduction="sum") / shard.global_counts["train_mask"]``):
+    the ranks' losses then sum to the full-graph loss, and after ``backward`` every rank holds the
+    summed (full-graph) parameter gradients.
+
+    Args:
+        model: a PyG model whose message-passing layers are among ``SUPPORTED_LAYERS``; batch norm
+            (``BatchNorm1d``, PyG's ``BatchNorm``) uses global statistics.
+        shard: this rank's :class:`GraphShard` (``shard.rank`` must be the process group rank).
+        message_bits: ``None`` (exact float messages), 1, 2, 4 or 8 (quantized, unbiased), or
+            ``"auto"`` (2/4/8 chosen per layer and link, see :mod:`exactq.distributed.adaptive`).
+        overlap: aggregate nodes without remote in-neighbours while the halo rows travel.
+        group: the process group (default: the world).
+        auto_every: with ``"auto"``, re-solve the bit assignment every this many training forwards.
+
+    Returns:
+        ``model`` itself; :func:`exchange_stats` reads its counters, :func:`unwrap` undoes it.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(shard, GraphShard):
+        raise TypeError(f"shard must be an exactq.distributed.GraphShard, got {type(shard).__name__}")
+    check_message_bits(message_bits)
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be a bool, got {overlap!r}")
+    if isinstance(auto_every, bool) or not isinstance(auto_every, int) or auto_every < 1:
+        raise ValueError(f"auto_every must be an int >= 1, got {auto_every!r}")
+    if hasattr(model, _ATTR):
+        raise ValueError("model is already wrapped by exactq.distributed.wrap")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("exactq.distributed.wrap needs an initialised process group: call "
+                           "torch.distributed.init_process_group first (or launch with torchrun / "
+                           "`python -m exactq distributed`)")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if shard.world_size != world:
+        raise ValueError(f"shard is part {shard.rank} of a {shard.world_size}-part partition, but the process "
+                         f"group has {world} ranks")
+    if shard.rank != rank:
+        raise ValueError(f"shard is part {shard.rank}, but this process is rank {rank} of the group")
+    layer_modules = {id(m) for layer in model.modules() if isinstance(layer, MessagePassing)
+                     for m in layer.modules() if m is not layer}
+    for name, module in model.named_modules():
+        _check_module(name or type(model).__name__, module, id(module) in layer_modules)
+    ids = [None] * world
+    dist.all_gather_object(ids, shard.partition_id, group=group)
+    if len(set(ids)) != 1:
+        raise ValueError(f"the ranks' shards come from different partitions ({ids}): every rank must load its "
+                         f"shard from the same partition")
+    state = DistributedState(shard, group, message_bits, overlap)
+    for module in model.modules():
+        if isinstance(module, MessagePassing):
+            state.layers.append(type(module).__name__)
+            module.forward = _DistributedLayer(state, module, len(state.layers) - 1)
+        elif isinstance(module, torch.nn.BatchNorm1d):
+            module.forward = _GlobalBatchNorm(state, module)
+    if message_bits == "auto":
+        from .adaptive import AdaptiveBits
+        state.adaptive = AdaptiveBits(state, every=auto_every)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params:
+        state.hooks.append(_GradientSync(params, group))
+    setattr(model, _ATTR, state)
+    log.info("exactq.distributed: rank %d/%d wraps %d message-passing layers (%s), message_bits=%s, overlap=%s",
+             rank, world, len(state.layers), ", ".join(state.layers), message_bits, overlap)
+    return model
+
+
+def state_of(model: torch.nn.Module) -> DistributedState:
+    state = getattr(model, _ATTR, None)
+    if state is None:
+        raise ValueError("model is not wrapped by exactq.distributed.wrap")
+    return state
+
+
+def exchange_stats(model: torch.nn.Module) -> ExchangeStats:
+    """The exchange counters (bytes sent, fp32 bytes, blocked seconds) of a wrapped model; ``reset()``
+    them at the start of what you measure."""
+    return state_of(model).stats
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Undoes :func:`wrap`: original forwards back, gradient hooks removed."""
+    state = state_of(model)
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), (_DistributedLayer, _GlobalBatchNorm)):
+            del module.forward
+    for h in state.hooks:
+        h.remove()
+    delattr(model, _ATTR)
+    return model
