@@ -224,6 +224,23 @@ def _without_normalize(forward):
     return call
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; its backward sums the gradients over ranks (each rank's loss reads the sum)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class _GlobalBatchNorm:
     """Batch norm whose training statistics are over all ranks' rows (installed as the forward)."""
 
@@ -232,8 +249,6 @@ class _GlobalBatchNorm:
         self.bn = weakref.ref(bn)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_reduce  # differentiable: backward sums gradients
-
         bn = self.bn()
         if x.dim() != 2:
             raise ValueError(f"exactq.distributed: batch norm over node rows needs a 2-D input, got {tuple(x.shape)}")
@@ -242,9 +257,9 @@ class _GlobalBatchNorm:
         count = torch.tensor([float(x.shape[0])], dtype=x.dtype)
         dist.all_reduce(count, group=self.group)
         # Two passes (mean, then centred squares) as a single-process batch norm: no cancellation.
-        mean = all_reduce(x.sum(0), group=self.group) / count
+        mean = _AllReduceSum.apply(x.sum(0), self.group) / count
         centred = x - mean
-        var = all_reduce((centred * centred).sum(0), group=self.group) / count
+        var = _AllReduceSum.apply((centred * centred).sum(0), self.group) / count
         y = centred * torch.rsqrt(var + bn.eps)
         if bn.affine:
             y = y * bn.weight + bn.bias
