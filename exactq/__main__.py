@@ -1,4 +1,9 @@
-"""Command line: ``python -m exactq demo`` trains a GraphSAGE with and without compression."""
+"""Command line.
+
+    python3 -m exactq demo                       train with and without compression, compare
+    python3 -m exactq partition --parts 4 --dir parts/     cut a graph once, one shard file per rank
+    python3 -m exactq distributed --nprocs 4 ...  full-graph training on 4 local processes
+"""
 from __future__ import annotations
 
 import argparse
@@ -63,10 +68,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--bits", type=int, default=2, choices=[1, 2, 4, 8])
     demo.add_argument("--rp-ratio", type=float, default=None, help="random projection kept fraction")
     demo.add_argument("--seed", type=int, default=0)
+    from .distributed import train as dtrain  # imports torch.distributed only when used
+
+    part = sub.add_parser("partition", help="cut a graph into parts and write one shard file per part")
+    dtrain.add_graph_arguments(part)
+    part.add_argument("--parts", type=int, required=True)
+    part.add_argument("--dir", required=True, help="output directory")
+    part.add_argument("--method", default="metis", choices=["metis", "random"])
+    part.add_argument("--seed", type=int, default=0)
+    dist = sub.add_parser("distributed", help="distributed full-graph training on local processes")
+    dtrain.add_arguments(dist)
+    dist.add_argument("--nprocs", type=int, default=2, help="processes (ranks) on 127.0.0.1")
+    dist.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is killed")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.command == "partition" else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         _demo(args)
+    elif args.command == "partition":
+        from .distributed import partition, save_partition
+
+        data = dtrain.load_graph(args)
+        out = save_partition(data, partition(data.edge_index, data.num_nodes, args.parts, args.method, args.seed),
+                             args.dir)
+        print(f"wrote {args.parts} shards of {args.dataset} ({data.num_nodes:,} nodes) to {out}")
+    else:
+        dtrain.launch_local(args, args.nprocs, args.timeout)
     return 0
 
 

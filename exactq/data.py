@@ -41,6 +41,8 @@ def synthetic_graph(
     *,
     signal: float = 0.2,
     homophily: float = 0.4,
+    locality: float = 0.0,
+    communities: int = 1000,
     seed: int = 0,
     train_frac: float = 0.5,
     val_frac: float = 0.25,
@@ -51,7 +53,9 @@ def synthetic_graph(
     direction scaled by ``signal``) plus standard normal noise; each undirected edge joins two nodes of
     the same class with probability ``homophily``, else two random nodes. ``num_edges`` counts directed
     edges (each undirected edge is stored both ways), as PyG datasets report them. ``signal=0`` gives a
-    graph with the same shape and no signal, enough for memory and speed tables.
+    graph with the same shape and no signal, enough for memory and speed tables. ``locality`` > 0: that
+    fraction of the edges instead joins two nodes of the same community (``communities`` blocks of
+    consecutive ids), as real graphs cluster; a partitioner then finds cuts far below a random graph's.
     """
     if min(num_nodes, num_features, num_classes) < 1 or num_edges < 0:
         raise ValueError("num_nodes, num_features, num_classes must be >= 1 and num_edges >= 0")
@@ -72,6 +76,11 @@ def synthetic_graph(
     same = order[starts[cls] + offset]
     rand = torch.randint(0, num_nodes, (half,), generator=g)
     dst = torch.where(torch.rand(half, generator=g) < homophily, same, rand)
+    if locality > 0:
+        size = max(1, num_nodes // max(1, communities))
+        start = torch.div(src, size, rounding_mode="floor") * size
+        near = (start + (torch.rand(half, generator=g) * size).long()).clamp_max(num_nodes - 1)
+        dst = torch.where(torch.rand(half, generator=g) < locality, near, dst)
     edge_index = torch.stack([torch.cat([src, dst]), torch.cat([dst, src])])
     del src, dst, same, rand, offset, cls
 

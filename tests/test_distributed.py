@@ -298,3 +298,30 @@ def _hanging_worker(rank, world):
 def test_a_hung_run_is_killed_at_the_timeout():
     with pytest.raises(TimeoutError, match="still running"):
         xd.spawn(_hanging_worker, 2, timeout=15, pg_timeout=300)
+
+
+def _auto_worker(rank, world, out_dir):
+    data = graph()
+    s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)
+    model = xd.wrap(make_model("sage", data), s, message_bits="auto", auto_every=2)
+    exact = xd.wrap(make_model("sage", data), s, message_bits=None)
+    adaptive = model._exactq_distributed.adaptive
+    for step in range(3):
+        model.zero_grad()
+        shard_loss(model(s.x, s.edge_index), s.y, s.train_mask, s.global_counts["train_mask"]).backward()
+    exact.load_state_dict(model.state_dict())
+    shard_loss(exact(s.x, s.edge_index), s.y, s.train_mask, s.global_counts["train_mask"]).backward()
+    torch.save(dict(assignment=adaptive.assignment, solves=adaptive.solves, grad=flat_grads(model),
+                    exact=flat_grads(exact)), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_auto_bits_are_solved_and_agreed(tmp_path):
+    xd.spawn(_auto_worker, 2, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["solves"] == r1["solves"] == 1  # forwards 1 (initial 8 bits) and 3 re-solve at every=2
+    assert r0["assignment"] == r1["assignment"] and r0["assignment"]
+    assert set(r0["assignment"].values()) <= {2, 4, 8}
+    layers = {k[0] for k in r0["assignment"]}
+    assert layers == {0, 1}
+    assert torch.equal(r0["grad"], r1["grad"])
+    assert float(F.cosine_similarity(r0["grad"], r0["exact"], 0)) > 0.9

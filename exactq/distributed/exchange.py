@@ -88,9 +88,8 @@ def _splits(counts: Sequence[int], width: int, bits: Sequence[Bits], dtype) -> l
 class _Pending:
     """An exchange in flight: wait() gives the received bytes."""
 
-    def __init__(self, work, out: torch.Tensor, width: int, dtype, recv_bits, started: float):
+    def __init__(self, work, out: torch.Tensor, width: int, dtype, recv_bits):
         self.work, self.out, self.width, self.dtype, self.recv_bits = work, out, width, dtype, recv_bits
-        self.started = started
 
 
 class Exchanger:
@@ -126,13 +125,15 @@ class Exchanger:
         started = time.perf_counter()
         work = dist.all_to_all_single(out, send, out_splits, [b.numel() for b in bufs], group=self.group,
                                       async_op=async_op)
-        return _Pending(work, out, width, dtype, bits_recv, started)
+        if not async_op:
+            self.stats.comm_seconds += time.perf_counter() - started
+        return _Pending(work, out, width, dtype, bits_recv)
 
     def _received(self, pending: _Pending, counts) -> torch.Tensor:
-        t = time.perf_counter()
         if pending.work is not None:
+            t = time.perf_counter()
             pending.work.wait()
-        self.stats.comm_seconds += time.perf_counter() - t
+            self.stats.comm_seconds += time.perf_counter() - t
         parts, offset = [], 0
         for c, b in zip(counts, pending.recv_bits):
             size = message_nbytes(c, pending.width, b, pending.dtype)

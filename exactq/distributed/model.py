@@ -104,15 +104,16 @@ class DistributedState:
     def _make_split(self, edge_index: torch.Tensor) -> _Split:
         nc, nl = self.shard.num_central, self.shard.num_local
         src, dst = edge_index
+        dev = edge_index.device
         central = dst < nc
         c_edges, m_edges = central.nonzero().view(-1), (~central).nonzero().view(-1)
         c_src, m_src = src[c_edges], src[m_edges]
-        c_nodes = torch.cat([torch.arange(nc), torch.unique(c_src[c_src >= nc])])
-        m_nodes = torch.cat([torch.arange(nc, nl), torch.unique(m_src[(m_src < nc) | (m_src >= nl)])])
-        remap = torch.full((nl + self.shard.num_halo,), -1, dtype=torch.long)
-        remap[c_nodes] = torch.arange(c_nodes.numel())
+        c_nodes = torch.cat([torch.arange(nc, device=dev), torch.unique(c_src[c_src >= nc])])
+        m_nodes = torch.cat([torch.arange(nc, nl, device=dev), torch.unique(m_src[(m_src < nc) | (m_src >= nl)])])
+        remap = torch.full((nl + self.shard.num_halo,), -1, dtype=torch.long, device=dev)
+        remap[c_nodes] = torch.arange(c_nodes.numel(), device=dev)
         c_ei = torch.stack([remap[c_src], dst[c_edges]])
-        remap[m_nodes] = torch.arange(m_nodes.numel())
+        remap[m_nodes] = torch.arange(m_nodes.numel(), device=dev)
         m_ei = torch.stack([remap[m_src], remap[dst[m_edges]]])
         if c_nodes.numel() and int(c_nodes.max()) >= nl:  # a central node with a halo source: broken shard
             raise RuntimeError("shard ordering broken: a central node has a halo in-neighbour")
@@ -133,14 +134,15 @@ class DistributedState:
     def _gcn_norm(self, conv, edge_index, edge_weight, dtype):
         n = self.shard.num_local
         src, dst = edge_index
-        w = edge_weight.to(dtype) if edge_weight is not None else torch.ones(src.numel(), dtype=dtype)
+        dev = edge_index.device
+        w = edge_weight.to(dtype) if edge_weight is not None else torch.ones(src.numel(), dtype=dtype, device=dev)
         if conv.add_self_loops:  # PyG's add_remaining_self_loops: an existing self-loop keeps its weight
             loop = src == dst
-            loop_w = torch.full((n,), 2.0 if conv.improved else 1.0, dtype=dtype)
+            loop_w = torch.full((n,), 2.0 if conv.improved else 1.0, dtype=dtype, device=dev)
             loop_w[dst[loop]] = w[loop]
-            ar = torch.arange(n)
+            ar = torch.arange(n, device=dev)
             src, dst, w = torch.cat([src[~loop], ar]), torch.cat([dst[~loop], ar]), torch.cat([w[~loop], loop_w])
-        deg = torch.zeros(n, dtype=dtype).index_add_(0, dst, w)
+        deg = torch.zeros(n, dtype=dtype, device=dev).index_add_(0, dst, w)
         exact = (None,) * self.shard.world_size
         halo_deg = self.exchanger.finish(self.exchanger.start(deg[:, None], exact, exact, async_op=False))[:, 0]
         dinv = torch.cat([deg, halo_deg]).pow(-0.5)
@@ -254,7 +256,7 @@ class _GlobalBatchNorm:
             raise ValueError(f"exactq.distributed: batch norm over node rows needs a 2-D input, got {tuple(x.shape)}")
         if not (bn.training or not bn.track_running_stats):
             return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        count = torch.tensor([float(x.shape[0])], dtype=x.dtype)
+        count = torch.tensor([float(x.shape[0])], dtype=x.dtype, device=x.device)
         dist.all_reduce(count, group=self.group)
         # Two passes (mean, then centred squares) as a single-process batch norm: no cancellation.
         mean = _AllReduceSum.apply(x.sum(0), self.group) / count
@@ -292,7 +294,8 @@ class _GradientSync:
         before, self.before = self.before, None
         new = [torch.zeros_like(p) if p.grad is None else (p.grad if b is None else p.grad - b)
                for p, b in zip(self.params, before)]
-        has = torch.tensor([float(p.grad is not None) for p in self.params], dtype=new[0].dtype)
+        has = torch.tensor([float(p.grad is not None) for p in self.params], dtype=new[0].dtype,
+                           device=new[0].device)
         flat = torch.cat([t.reshape(-1) for t in new] + [has])
         dist.all_reduce(flat, group=self.group)
         offsets = [0]

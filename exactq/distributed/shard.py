@@ -90,6 +90,15 @@ class GraphShard:
         raise AttributeError(f"GraphShard has no attribute {name!r} (node attributes: {sorted(self.node_attrs)}, "
                              f"edge attributes: {sorted(self.edge_attrs)})")
 
+    def to(self, device: Union[str, torch.device]) -> "GraphShard":
+        """A copy with every tensor on ``device`` (NCCL ranks train on their GPU)."""
+        move = lambda t: t.to(device)  # noqa: E731
+        return dataclasses.replace(
+            self, node_ids=move(self.node_ids), halo_ids=move(self.halo_ids), edge_index=move(self.edge_index),
+            plan=dataclasses.replace(self.plan, send_index=move(self.plan.send_index)),
+            node_attrs={k: move(v) for k, v in self.node_attrs.items()},
+            edge_attrs={k: move(v) for k, v in self.edge_attrs.items()})
+
     def save(self, path: Union[str, Path]) -> None:
         state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         state["plan"] = dataclasses.asdict(self.plan)
