@@ -43,6 +43,9 @@ def add_graph_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=20_000, help="nodes of --dataset synthetic")
     p.add_argument("--scale", type=float, default=1.0, help="nodes and edges x scale for the *-shape graphs")
     p.add_argument("--signal", type=float, default=1.0, help="class signal of the synthetic graphs")
+    p.add_argument("--locality", type=float, default=0.9,
+                   help="fraction of the synthetic graphs' edges within communities (real graphs cluster; a graph "
+                        "without it has no good cut)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,9 +74,10 @@ def load_graph(args: argparse.Namespace):
     if args.dataset in ("Cora", "CiteSeer", "PubMed"):
         return load_planetoid(args.dataset, args.root)
     if args.dataset == "synthetic":
-        return synthetic_graph(args.nodes, 128, args.nodes * 20, 10, signal=args.signal, seed=0)
+        return synthetic_graph(args.nodes, 128, args.nodes * 20, 10, signal=args.signal, locality=args.locality, seed=0)
     n, f, e, c = PAPER_GRAPHS[args.dataset[:-len("-shape")]]
-    return synthetic_graph(max(100, int(n * args.scale)), f, int(e * args.scale), c, signal=args.signal, seed=0)
+    return synthetic_graph(max(100, int(n * args.scale)), f, int(e * args.scale), c, signal=args.signal,
+                           locality=args.locality, seed=0)
 
 
 def _message_bits(text: str):
