@@ -34,6 +34,8 @@ SUPPORTED_LAYERS = (GCNConv, SAGEConv, GraphConv, GINConv, GINEConv, GATConv, GA
 # Modules that mix rows across the whole graph (or a graph of a batch).
 _GLOBAL_MODULES = (pyg_norm.GraphNorm, pyg_norm.InstanceNorm, pyg_norm.PairNorm, pyg_norm.MeanSubtractionNorm,
                    pyg_norm.GraphSizeNorm, pyg_norm.DiffGroupNorm)
+# Layers that aggregate a torch.sparse adjacency by sparse matmul (message_and_aggregate).
+_SPARSE_LAYERS = (GCNConv, SAGEConv, GraphConv, GINConv)
 _EDGE_ARGS = ("edge_weight", "edge_attr")
 _ATTR = "_exactq_distributed"
 _CACHE = 8
@@ -63,6 +65,8 @@ class DistributedState:
         self.adaptive = None  # exactq.distributed.adaptive.AdaptiveBits for message_bits="auto"
         self._splits: List[Tuple[torch.Tensor, object]] = []
         self._gcn: List[Tuple[tuple, object]] = []
+        self._sparse: List[Tuple[tuple, object]] = []
+        self._csrs: List[Tuple[tuple, object]] = []
         self.hooks: list = []
 
     # -- bits -------------------------------------------------------------------------------------
@@ -119,27 +123,55 @@ class DistributedState:
             raise RuntimeError("shard ordering broken: a central node has a halo in-neighbour")
         return _Split(c_nodes, c_edges, c_ei, m_nodes, m_edges, m_ei)
 
+    # -- sparse adjacencies ------------------------------------------------------------------------------
+    def edges_of(self, adj: torch.Tensor, layer: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The local edge list (sources, targets) and values of a sparse adjacency (rows = targets)."""
+        s = self.shard
+        if tuple(adj.shape) != (s.num_local, s.num_local + s.num_halo):
+            raise ValueError(f"{layer}: the sparse adjacency must be (num_local, num_local + num_halo) = "
+                             f"({s.num_local}, {s.num_local + s.num_halo}) with rows = targets "
+                             f"(shard.sparse_adjacency()), got {tuple(adj.shape)}")
+
+        def make():
+            coo = adj.to_sparse_coo().coalesce() if adj.layout == torch.sparse_csr else adj.coalesce()
+            dst, src = coo.indices()
+            return torch.stack([src, dst]), coo.values()
+        return self._cached(self._sparse, (adj,), make)
+
+    def csr(self, edge_index: torch.Tensor, weights: Optional[torch.Tensor], n_dst: int, n_src: int,
+            positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """CSR adjacency (rows = targets) of an edge list (``weights[positions]`` as values)."""
+        from torch_geometric.utils import to_torch_csr_tensor
+
+        def make():
+            w = weights if weights is None or positions is None else weights[positions]
+            return to_torch_csr_tensor(edge_index.flip(0), w, size=(n_dst, n_src))
+        return self._cached(self._csrs, (edge_index, weights, positions), make)
+
     # -- GCN normalisation with global degrees ------------------------------------------------------
     def gcn_edges(self, conv: GCNConv, edge_index: torch.Tensor, edge_weight: Optional[torch.Tensor],
-                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+                  dtype: torch.dtype, sparse: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """GCN's normalised edge list, as ``gcn_norm`` would give on the whole graph: every owned node's
         in-edges (and self-loop) are local, so its degree is exact here; halo nodes' degrees come from
         their owners, exactly."""
         if edge_weight is not None and edge_weight.requires_grad:
             raise NotImplementedError("exactq.distributed: GCNConv with an edge_weight that requires grad is not "
                                       "supported (halo degrees are exchanged without gradient)")
-        key = (edge_index, edge_weight, conv.improved, conv.add_self_loops, dtype)
-        return self._cached(self._gcn, key, lambda: self._gcn_norm(conv, edge_index, edge_weight, dtype))
+        key = (edge_index, edge_weight, conv.improved, conv.add_self_loops, dtype, sparse)
+        return self._cached(self._gcn, key, lambda: self._gcn_norm(conv, edge_index, edge_weight, dtype, sparse))
 
-    def _gcn_norm(self, conv, edge_index, edge_weight, dtype):
+    def _gcn_norm(self, conv, edge_index, edge_weight, dtype, sparse):
         n = self.shard.num_local
         src, dst = edge_index
         dev = edge_index.device
         w = edge_weight.to(dtype) if edge_weight is not None else torch.ones(src.numel(), dtype=dtype, device=dev)
-        if conv.add_self_loops:  # PyG's add_remaining_self_loops: an existing self-loop keeps its weight
+        if conv.add_self_loops:
             loop = src == dst
             loop_w = torch.full((n,), 2.0 if conv.improved else 1.0, dtype=dtype, device=dev)
-            loop_w[dst[loop]] = w[loop]
+            if sparse:  # PyG adds the self-loop to a sparse adjacency's diagonal
+                loop_w.index_add_(0, dst[loop], w[loop])
+            else:  # add_remaining_self_loops: an existing self-loop keeps its weight
+                loop_w[dst[loop]] = w[loop]
             ar = torch.arange(n, device=dev)
             src, dst, w = torch.cat([src[~loop], ar]), torch.cat([dst[~loop], ar]), torch.cat([w[~loop], loop_w])
         deg = torch.zeros(n, dtype=dtype, device=dev).index_add_(0, dst, w)
@@ -181,33 +213,48 @@ class _DistributedLayer:
             got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{self.name}: x must be this rank's owned rows, a 2-D tensor with shard.num_local="
                              f"{shard.num_local} rows, got {got}")
-        state.check_edge_index(edge_index, self.name)
         if arguments.get("size") is not None:
             raise NotImplementedError(f"{self.name}: an explicit size is not supported distributed")
         if arguments.get("return_attention_weights"):
             raise NotImplementedError(f"{self.name}: return_attention_weights is not supported distributed")
+        # A torch.sparse adjacency (shard.sparse_adjacency()) aggregates by sparse matmul; the edge list
+        # behind it is cut and normalised as edge_index would be, then turned back into CSR (cached).
+        sparse = isinstance(edge_index, torch.Tensor) and edge_index.layout in (torch.sparse_csr, torch.sparse_coo)
+        weights = None
+        if sparse:
+            if not isinstance(conv, _SPARSE_LAYERS):
+                raise NotImplementedError(f"{self.name}: a sparse adjacency is supported for "
+                                          f"{', '.join(c.__name__ for c in _SPARSE_LAYERS)}; pass shard.edge_index")
+            edge_index, weights = state.edges_of(edge_index, self.name)
+        else:
+            state.check_edge_index(edge_index, self.name)
         forward = type(conv).forward
         if isinstance(conv, GCNConv) and conv.normalize:
-            edge_index, arguments["edge_weight"] = state.gcn_edges(conv, edge_index, arguments.get("edge_weight"),
-                                                                   x.dtype)
+            edge_index, weights = state.gcn_edges(conv, edge_index, weights if sparse else arguments.get("edge_weight"),
+                                                  x.dtype, sparse)
             forward = _without_normalize(forward)
+            arguments["edge_weight"] = None if sparse else weights
         send_bits, recv_bits = state.bits_for(self.index)
         nc, nl = shard.num_central, shard.num_local
+        graph = (lambda ei, n_dst, n_src, at=None: state.csr(ei, weights, n_dst, n_src, at)) if sparse else \
+            (lambda ei, n_dst, n_src, at=None: ei)
         if not self.overlap:
             x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits)
             if state.adaptive is not None:
                 state.adaptive.observe(self.index, x_full[nl:], edge_index)
-            return self._call(forward, conv, x_full, x, edge_index, arguments)
+            return self._call(forward, conv, x_full, x, graph(edge_index, nl, x_full.shape[0]), arguments)
         # Overlap: start the exchange, aggregate the central nodes (no halo source) while it travels,
         # then the marginal ones.
         pending = state.exchanger.start(x, send_bits, recv_bits, async_op=True)
         split = state.split(edge_index)
-        out_c = self._call(forward, conv, x[split.c_nodes], x[:nc], split.c_edge_index,
+        out_c = self._call(forward, conv, x[split.c_nodes], x[:nc],
+                           graph(split.c_edge_index, nc, split.c_nodes.numel(), split.c_edges),
                            _edges(arguments, split.c_edges))
         x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits, pending)
         if state.adaptive is not None:
             state.adaptive.observe(self.index, x_full[nl:], edge_index)
-        out_m = self._call(forward, conv, x_full[split.m_nodes], x[nc:], split.m_edge_index,
+        out_m = self._call(forward, conv, x_full[split.m_nodes], x[nc:],
+                           graph(split.m_edge_index, nl - nc, split.m_nodes.numel(), split.m_edges),
                            _edges(arguments, split.m_edges))
         return torch.cat([out_c, out_m])
 

@@ -90,6 +90,16 @@ class GraphShard:
         raise AttributeError(f"GraphShard has no attribute {name!r} (node attributes: {sorted(self.node_attrs)}, "
                              f"edge attributes: {sorted(self.edge_attrs)})")
 
+    def sparse_adjacency(self) -> torch.Tensor:
+        """The shard's adjacency as a ``torch.sparse`` CSR tensor of shape (num_local, num_local +
+        num_halo), rows = targets (PyG's ``adj_t``), values = ``edge_weight`` if the shard has one, else
+        ones. Layers that support it (GCN, GraphSAGE, GIN, GraphConv) then aggregate by sparse matmul
+        instead of one message per edge. Build it once and pass the same tensor every call."""
+        from torch_geometric.utils import to_torch_csr_tensor
+
+        return to_torch_csr_tensor(self.edge_index.flip(0), self.edge_attrs.get("edge_weight"),
+                                   size=(self.num_local, self.num_local + self.num_halo))
+
     def to(self, device: Union[str, torch.device]) -> "GraphShard":
         """A copy with every tensor on ``device`` (NCCL ranks train on their GPU)."""
         move = lambda t: t.to(device)  # noqa: E731
