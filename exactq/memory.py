@@ -96,5 +96,15 @@ class LiveTensorMemory(TorchDispatchMode):
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far, as the operating system measures it."""
+    """Peak resident memory of this process so far, as the operating system measures it.
+
+    Linux's ``VmHWM`` where available: ``getrusage``'s ``ru_maxrss`` survives ``execve``, so a process
+    started by a larger one (a spawned rank, a subprocess) would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -353,3 +353,22 @@ def test_sparse_adjacency_equals_single_process(tmp_path):
         g = flat_grads(ref)
         for overlap in (False, True):
             assert float((got[name, overlap] - g).norm() / g.norm()) <= 1e-5, (name, overlap)
+
+
+def test_command_line_partition_and_local_training(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    common = ["--dataset", "synthetic", "--nodes", "600"]
+    subprocess.run([sys.executable, "-m", "exactq", "partition", *common, "--parts", "2", "--dir",
+                    str(tmp_path / "parts")], check=True, timeout=TIMEOUT, capture_output=True)
+    assert (tmp_path / "parts" / "part_1.pt").exists()
+    proc = subprocess.run([sys.executable, "-m", "exactq", "distributed", "--nprocs", "2", *common, "--parts-dir",
+                           str(tmp_path / "parts"), "--epochs", "3", "--model", "sage", "--out",
+                           str(tmp_path / "summary.json")], timeout=TIMEOUT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["epochs"] == 3 and 0 <= summary["test_at_best_val"] <= 1
+    assert summary["fp32_bytes_per_epoch"] >= 12 * summary["bytes_per_epoch"] > 0  # 128-wide features, 2 bits
+    assert "x less" in proc.stdout

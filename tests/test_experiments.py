@@ -118,3 +118,22 @@ def test_bench_compile_quick(tmp_path):
     assert float(rows[("eager", "INT2")]["saved x smaller vs fp32 same mode"]) >= 8  # eager compresses
     # Compiled regions' saved tensors are kept exactly: compiled + exactq stores about what compiled fp32 does.
     assert float(rows[("compiled", "INT2")]["saved x smaller vs fp32 same mode"]) == pytest.approx(1.0, rel=0.2)
+
+
+def test_distributed_gradients_quick(tmp_path):
+    _run("distributed.py", tmp_path, "--sections", "gradients")
+    rows = _rows(tmp_path / "distributed_gradients_quick.csv")
+    assert {r["model"] for r in rows} == {"gcn", "sage"}
+    for r in rows:
+        if r["message bits"] == "exact":  # exact messages: single-process training, to float rounding
+            assert float(r["loss rel err"]) <= 1e-5 and float(r["grad rel err"]) <= 1e-5
+        else:
+            assert float(r["grad cosine"]) >= 0.99
+
+
+def test_distributed_projection_quick(tmp_path):
+    _run("distributed_scale.py", tmp_path, "--sections", "projection")
+    rows = _rows(tmp_path / "distributed_projection_quick.csv")
+    assert {int(r["machines"]) for r in rows} == {2, 4} and (tmp_path / "distributed_projection_quick.png").exists()
+    for r in rows:
+        assert float(r["exact MB/epoch (busiest)"]) >= 12 * float(r["2-bit MB"])

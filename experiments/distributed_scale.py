@@ -1,0 +1,250 @@
+"""exactq.distributed beyond one machine: projected epoch time on the ogbn-products-shaped graph, and
+memory per rank with 4 ranks against one process.
+
+    python experiments/distributed_scale.py [--quick] [--sections projection memory] [--scale 1.0]
+
+Graph: 2,449,029 nodes, 100 features, 61,859,140 directed edges, 47 classes, 90% of the edges within
+communities (real graphs cluster; METIS then cuts ~10% of the edges, as on real products). Model:
+GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
+
+* projection: for 4, 8 and 16 METIS parts, the rows every rank sends and receives per layer (from
+  the partition), hence the bytes per epoch (forward rows and backward gradients) exact, 2-bit and
+  auto (which spends at most uniform 4-bit time), and the compute time of the largest part's epoch
+  (fp32, measured here on 2 cores) plus the 2-bit pack/unpack time (measured). Projected epoch time =
+  compute + quantization + per layer and direction the slowest rank's bytes / link bandwidth, for 10
+  and 100 Gb/s. Also printed: the compute time per epoch below which 2-bit messages give 3x.
+* memory: peak resident memory of each of 4 ranks training on their shards (each loads only its own
+  shard from a partition directory) against one process training on the whole graph, both with
+  exactq INT2 activations, 2 epochs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import exactq
+import exactq.distributed as xd
+from exactq.data import PAPER_GRAPHS, synthetic_graph
+from exactq.distributed.exchange import decode, encode, message_nbytes
+from exactq.memory import peak_rss_bytes
+from exactq.train import build_model
+
+from common import Timer, apply_threads, command_line, parser, write_results
+
+WIDTHS = (100, 256, 256)
+ADAQP_SPEEDUP = 3.01
+
+
+def products(scale: float):
+    n, f, e, c = PAPER_GRAPHS["ogbn-products"]
+    return synthetic_graph(max(1000, int(n * scale)), f, int(e * scale), c, signal=0.2, locality=0.9, seed=0)
+
+
+def exchange_rows(edge_index, parts, world):
+    """Per rank: rows it sends (its nodes that feed another rank's nodes, per destination) and halo rows
+    it receives."""
+    src, dst = edge_index
+    cross = parts[src] != parts[dst]
+    n = parts.numel()
+    pairs = torch.unique(parts[dst[cross]] * n + src[cross])  # (receiving rank, node) once each
+    recv = torch.bincount(pairs // n, minlength=world)
+    send = torch.bincount(parts[pairs % n], minlength=world)
+    return send, recv
+
+
+def epoch_compute_seconds(data, parts, rank, repeats: int = 2) -> float:
+    """fp32 training step of SAGE 3 x 256 on one rank's owned + halo rows and in-edges."""
+    from torch_geometric.utils import to_torch_csr_tensor
+
+    s = xd.shard(data, parts, rank)
+    n = s.num_local + s.num_halo
+    adj = to_torch_csr_tensor(s.edge_index.flip(0), size=(n, n))
+    x = torch.randn(n, data.num_features)
+    y = torch.randint(0, 47, (s.num_local,))
+    torch.manual_seed(0)
+    model = build_model("sage", data.num_features, 256, 47, 3)
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        out = model(x, adj)[:s.num_local]
+        F.cross_entropy(out, y).backward()
+        times.append(time.perf_counter() - t)
+        del out
+    return statistics.median(times[1:])
+
+
+def quantization_seconds(rows: int) -> float:
+    """Pack + unpack at 2 bits of ``rows`` rows, per layer width, both directions."""
+    total = 0.0
+    for w in WIDTHS:
+        x = torch.randn(rows, w)
+        t = time.perf_counter()
+        decode(encode(x, 2, 1), rows, w, 2, x.dtype)
+        total += 2 * (time.perf_counter() - t)
+    return total
+
+
+def projection(scale: float, worlds):
+    data = products(scale)
+    rows = []
+    for world in worlds:
+        t = time.perf_counter()
+        parts = xd.partition(data.edge_index, data.num_nodes, world)
+        stats = xd.partition_stats(data.edge_index, parts, world)
+        part_s = time.perf_counter() - t
+        send, recv = exchange_rows(data.edge_index, parts, world)
+        busiest = int(torch.maximum(send, recv).max())  # all_to_all: the slowest rank's send or receive
+        largest = int(torch.bincount(parts[data.edge_index[1]], minlength=world).argmax())
+        compute = epoch_compute_seconds(data, parts, largest)
+        quant = quantization_seconds(busiest)
+        nbytes = {b: sum(2 * message_nbytes(busiest, w, b) for w in WIDTHS) for b in (None, 2, 4)}
+        for gbps in (10, 100):
+            bw = gbps * 1e9 / 8
+            t_exact = compute + nbytes[None] / bw
+            t_2 = compute + quant + nbytes[2] / bw
+            t_auto = compute + quant + nbytes[4] / bw  # auto's time budget: uniform 4-bit
+            # compute time per epoch at which 2-bit reaches 3x: (c + E) / (c + q + B2) = 3
+            c3 = (nbytes[None] / bw - 3 * (quant + nbytes[2] / bw)) / 2
+            rows.append({"machines": world, "Gb/s": gbps, "edge cut %": 100 * stats["cut_fraction"],
+                         "busiest rank rows": busiest, "compute s (here)": compute, "2-bit pack s": quant,
+                         "exact MB/epoch (busiest)": nbytes[None] / 2**20, "2-bit MB": nbytes[2] / 2**20,
+                         "epoch s exact": t_exact, "epoch s 2-bit": t_2, "epoch s auto (<= 4-bit)": t_auto,
+                         "2-bit speedup": t_exact / t_2, "auto speedup": t_exact / t_auto,
+                         "compute s for 3x (2-bit)": c3, "AdaQP best": ADAQP_SPEEDUP, "partition s": part_s})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _figure(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for gbps, style in ((10, "-o"), (100, "--s")):
+        mine = [r for r in rows if r["Gb/s"] == gbps]
+        ax.plot([r["machines"] for r in mine], [r["2-bit speedup"] for r in mine], style, label=f"2-bit, {gbps} Gb/s")
+        ax.plot([r["machines"] for r in mine], [r["auto speedup"] for r in mine], style, alpha=0.5,
+                label=f"auto, {gbps} Gb/s")
+    ax.axhline(ADAQP_SPEEDUP, color="grey", lw=0.8, ls=":", label="AdaQP's best (3.01x)")
+    ax.set_xlabel("machines")
+    ax.set_ylabel("projected speedup over exact messages")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# -- memory -------------------------------------------------------------------------------------------
+
+def _rank_memory(rank, world, parts_dir, epochs, out_dir):
+    shard = xd.load_shard(parts_dir, rank)
+    adj = shard.sparse_adjacency()
+    torch.manual_seed(0)
+    model = xd.wrap(build_model("sage", shard.x.shape[1], 256, 47, 3), shard, message_bits=2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.003)
+    times = []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with exactq.compress(bits=2):
+            out = model(shard.x, adj)
+        loss = F.cross_entropy(out[shard.train_mask], shard.y[shard.train_mask], reduction="sum")
+        loss = loss / shard.global_counts["train_mask"]
+        del out
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times, "num_local": shard.num_local,
+                   "num_halo": shard.num_halo}, f)
+
+
+def _single_process(scale: float, epochs: int) -> dict:
+    from exactq.data import with_sparse_adjacency
+
+    data = with_sparse_adjacency(products(scale))
+    torch.manual_seed(0)
+    model = build_model("sage", data.num_features, 256, 47, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.003)
+    times = []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with exactq.compress(bits=2):
+            out = model(data.x, data.adj_t)
+        loss = F.cross_entropy(out[data.train_mask], data.y[data.train_mask])
+        del out
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return {"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times}
+
+
+def memory(scale: float, epochs: int, world: int = 4):
+    rows = []
+    one = subprocess.run([sys.executable, __file__, "--single-process", str(scale), str(epochs)],
+                         capture_output=True, text=True)
+    line = [l for l in one.stdout.splitlines() if l.startswith("RESULT ")]
+    single = json.loads(line[0][7:]) if line else {"peak_rss_gb": float("nan"), "epoch_s": [float("nan")],
+                                                   "error": one.stderr[-300:]}
+    rows.append({"processes": 1, "rank": "-", "owned nodes": int(PAPER_GRAPHS["ogbn-products"][0] * scale),
+                 "halo nodes": 0, "peak RSS GB": single["peak_rss_gb"], "x of one process": 1.0,
+                 "median epoch s": statistics.median(single["epoch_s"])})
+    print(rows[-1], single.get("error", ""), flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        parts_dir = os.path.join(d, "parts")
+        subprocess.run([sys.executable, "-m", "exactq", "partition", "--dataset", "ogbn-products-shape", "--scale",
+                        str(scale), "--signal", "0.2", "--parts", str(world), "--dir", parts_dir], check=True)
+        xd.spawn(_rank_memory, world, args=(parts_dir, epochs, d), timeout=7200, pg_timeout=1800)
+        for r in range(world):
+            with open(os.path.join(d, f"rank{r}.json")) as f:
+                m = json.load(f)
+            rows.append({"processes": world, "rank": r, "owned nodes": m["num_local"], "halo nodes": m["num_halo"],
+                         "peak RSS GB": m["peak_rss_gb"], "x of one process": m["peak_rss_gb"] / single["peak_rss_gb"],
+                         "median epoch s": statistics.median(m["epoch_s"])})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None):
+    if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--single-process":
+        print("RESULT " + json.dumps(_single_process(float(sys.argv[2]), int(sys.argv[3]))))
+        return
+    p = parser(__doc__)
+    p.add_argument("--sections", nargs="+", default=["projection", "memory"], choices=["projection", "memory"])
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=2)
+    args = p.parse_args(argv)
+    apply_threads(args)
+    scale = 0.01 if args.quick else args.scale
+    suffix = "_quick" if args.quick else ""
+    if "projection" in args.sections:
+        with Timer() as timer:
+            rows = projection(scale, (2, 4) if args.quick else (4, 8, 16))
+        path = write_results(args.out, f"distributed_projection{suffix}", rows,
+                             "Projected epoch time on the ogbn-products-shaped graph (scale "
+                             f"{scale}), GraphSAGE 3 x 256: compute measured on this CPU, bytes from the partition, "
+                             "links at 10 / 100 Gb/s.", command_line(), timer.seconds)
+        _figure(rows, path.with_suffix(".png"))
+        print(path.read_text())
+    if "memory" in args.sections:
+        with Timer() as timer:
+            rows = memory(scale, 1 if args.quick else args.epochs)
+        print(write_results(args.out, f"distributed_memory{suffix}", rows,
+                            f"Peak resident memory per process, ogbn-products-shaped graph (scale {scale}), GraphSAGE "
+                            "3 x 256, exactq INT2 activations, 2-bit messages; one process vs 4 ranks on this machine.",
+                            command_line(), timer.seconds).read_text())
+
+
+if __name__ == "__main__":
+    main()
