@@ -47,7 +47,8 @@ setup(
     license="MIT",
     packages=find_packages(include=["exactq", "exactq.*"]),
     python_requires=">=3.10",
-    install_requires=["torch==2.13.0", "torch_geometric>=2.5", "numpy", "tqdm"],
+    install_requires=["torch==2.13.0", "torch_geometric>=2.5", "numpy", "tqdm",
+                      "pymetis", "scipy"],  # exactq.distributed: METIS partitions, auto-bits program
     extras_require={"test": ["pytest", "matplotlib", "expecttest"], "scatter": ["torch_scatter"],
                     "sampling": ["torch_sparse"]},
     ext_modules=[_extension()],
