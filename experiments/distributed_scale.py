@@ -146,24 +146,28 @@ def _figure(rows, path):
 
 # -- memory -------------------------------------------------------------------------------------------
 
-def _rank_memory(rank, world, parts_dir, epochs, out_dir):
-    shard = xd.load_shard(parts_dir, rank)
-    adj = shard.sparse_adjacency()
-    torch.manual_seed(0)
-    model = xd.wrap(build_model("sage", shard.x.shape[1], 256, 47, 3), shard, message_bits=2)
+def _train(model, x, graph, y, mask, total: int, epochs: int) -> list:
+    """Epoch times of full-batch training with exactq INT2 activations (loss: this process's share)."""
     opt = torch.optim.Adam(model.parameters(), lr=0.003)
     times = []
     for _ in range(epochs):
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with exactq.compress(bits=2):
-            out = model(shard.x, adj)
-        loss = F.cross_entropy(out[shard.train_mask], shard.y[shard.train_mask], reduction="sum")
-        loss = loss / shard.global_counts["train_mask"]
+            out = model(x, graph)
+        loss = F.cross_entropy(out[mask], y[mask], reduction="sum") / total
         del out
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t)
+    return times
+
+def _rank_memory(rank, world, parts_dir, epochs, out_dir):
+    shard = xd.load_shard(parts_dir, rank)
+    adj = shard.sparse_adjacency()
+    torch.manual_seed(0)
+    model = xd.wrap(build_model("sage", shard.x.shape[1], 256, 47, 3), shard, message_bits=2)
+    times = _train(model, shard.x, adj, shard.y, shard.train_mask, shard.global_counts["train_mask"], epochs)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times, "num_local": shard.num_local,
                    "num_halo": shard.num_halo}, f)
@@ -175,18 +179,7 @@ def _single_process(scale: float, epochs: int) -> dict:
     data = with_sparse_adjacency(products(scale))
     torch.manual_seed(0)
     model = build_model("sage", data.num_features, 256, 47, 3)
-    opt = torch.optim.Adam(model.parameters(), lr=0.003)
-    times = []
-    for _ in range(epochs):
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with exactq.compress(bits=2):
-            out = model(data.x, data.adj_t)
-        loss = F.cross_entropy(out[data.train_mask], data.y[data.train_mask])
-        del out
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
+    times = _train(model, data.x, data.adj_t, data.y, data.train_mask, int(data.train_mask.sum()), epochs)
     return {"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times}
 
 

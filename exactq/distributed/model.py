@@ -354,6 +354,9 @@ class _GradientSync:
             total = flat[offsets[i]:offsets[i + 1]].view_as(p)
             p.grad = total.clone() if b is None else b + total
 
+    def forward_started(self, module, args) -> None:
+        self.before = None
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
@@ -442,7 +445,10 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
         state.adaptive = AdaptiveBits(state, every=auto_every)
     params = [p for p in model.parameters() if p.requires_grad]
     if params:
-        state.hooks.append(_GradientSync(params, group))
+        sync = _GradientSync(params, group)
+        state.hooks.append(sync)
+        # A backward that raised never ran its callback: a new forward starts the next backward afresh.
+        state.hooks.append(model.register_forward_pre_hook(sync.forward_started))
     setattr(model, _ATTR, state)
     log.info("exactq.distributed: rank %d/%d wraps %d message-passing layers (%s), message_bits=%s, overlap=%s",
              rank, world, len(state.layers), ", ".join(state.layers), message_bits, overlap)

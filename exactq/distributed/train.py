@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--message-bits", default="2", choices=["none", "1", "2", "4", "8", "auto"])
     p.add_argument("--no-overlap", action="store_true", help="exchange, then aggregate (no central/marginal split)")
+    p.add_argument("--sparse", action="store_true",
+                   help="aggregate with the shard's torch.sparse adjacency (GCN, GraphSAGE, GIN) instead of edge_index")
     p.add_argument("--auto-every", type=int, default=10)
     p.add_argument("--compress-bits", type=int, default=None, choices=[1, 2, 4, 8],
                    help="also compress each rank's saved activations with exactq.compress")
@@ -116,6 +118,7 @@ def run(rank: int, world: int, args: argparse.Namespace, part=None) -> Optional[
     torch.manual_seed(args.seed * 1000 + rank + 1)  # dropout differs per rank, as it would per node
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=5e-4)
     n_train = part.global_counts["train_mask"]
+    graph = part.sparse_adjacency() if args.sparse else part.edge_index
     stats = exchange_stats(model)
     load_seconds = time.perf_counter() - t_load
     rows, best_val, test_at_best = [], -1.0, 0.0
@@ -128,7 +131,7 @@ def run(rank: int, world: int, args: argparse.Namespace, part=None) -> Optional[
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with compress(bits=args.compress_bits) if args.compress_bits else contextlib.nullcontext():
-            out = model(part.x, part.edge_index)
+            out = model(part.x, graph)
         loss = F.cross_entropy(out[part.train_mask], part.y[part.train_mask], reduction="sum") / n_train
         loss.backward()
         opt.step()
@@ -136,7 +139,7 @@ def run(rank: int, world: int, args: argparse.Namespace, part=None) -> Optional[
         sent, fp32, comm = stats.bytes_sent, stats.fp32_bytes, stats.comm_seconds
         model.eval()
         with torch.no_grad():
-            pred = model(part.x, part.edge_index).argmax(1)
+            pred = model(part.x, graph).argmax(1)
         correct = [float(((pred == part.y) & getattr(part, m)).sum()) for m in ("train_mask", "val_mask", "test_mask")]
         totals = _sum([loss.item(), sent, fp32, *correct, seconds, comm], device)
         slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
