@@ -13,7 +13,7 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -61,9 +61,9 @@ class DistributedState:
         self.stats = ExchangeStats()
         self.exchanger = Exchanger(shard.plan, shard.num_local, shard.rank, group, self.stats)
         self.layers: List[str] = []
-        self.bits: Dict[int, int] = {}  # layer index -> uniform bits; see bits_for
         self.adaptive = None  # exactq.distributed.adaptive.AdaptiveBits for message_bits="auto"
-        self._splits: List[Tuple[torch.Tensor, object]] = []
+        self._checked: List[Tuple[tuple, object]] = []
+        self._splits: List[Tuple[tuple, object]] = []
         self._gcn: List[Tuple[tuple, object]] = []
         self._sparse: List[Tuple[tuple, object]] = []
         self._csrs: List[Tuple[tuple, object]] = []
@@ -93,17 +93,21 @@ class DistributedState:
         return self._cached(self._splits, (edge_index,), lambda: self._make_split(edge_index))
 
     def check_edge_index(self, edge_index: object, layer: str) -> None:
-        s = self.shard
         if not isinstance(edge_index, torch.Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2 \
                 or edge_index.dtype != torch.long:
             raise ValueError(f"{layer}: exactq.distributed needs edge_index as a LongTensor (2, num_edges) in the "
-                             f"shard's local numbering (shard.edge_index); SparseTensor / torch.sparse adjacencies "
-                             f"are not supported")
+                             f"shard's local numbering (shard.edge_index) or shard.sparse_adjacency(); "
+                             f"got {type(edge_index).__name__}")
+        self._cached(self._checked, (edge_index,), lambda: self._check_range(edge_index, layer))
+
+    def _check_range(self, edge_index: torch.Tensor, layer: str) -> bool:
+        s = self.shard
         if edge_index.numel() and (int(edge_index[1].max()) >= s.num_local or int(edge_index.min()) < 0
                                    or int(edge_index[0].max()) >= s.num_local + s.num_halo):
             raise ValueError(f"{layer}: edge_index is not in the shard's local numbering: targets must be < "
                              f"num_local={s.num_local} and sources < num_local + num_halo="
                              f"{s.num_local + s.num_halo} (use shard.edge_index)")
+        return True
 
     def _make_split(self, edge_index: torch.Tensor) -> _Split:
         nc, nl = self.shard.num_central, self.shard.num_local
