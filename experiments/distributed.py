@@ -14,8 +14,9 @@ ranks, so epoch times here measure the method's overheads, not a cluster's speed
   included). Cora, CiteSeer (no normalisation, as usual there) and the arxiv-shaped synthetic graph
   (169k nodes, 2.3M edges, 90% of the edges within communities so that METIS finds a cut, GCN 2 x 128
   with batch norm).
-* timing: median epoch time on the arxiv-shaped graph, GraphSAGE 3 x 128, 1/2/4 ranks: exact vs
-  2-bit vs 2-bit with overlap, and the share of the epoch spent blocked on the exchange.
+* timing: median epoch time on the arxiv-shaped graph, GraphSAGE 3 x 128 (sparse-matmul aggregation),
+  1/2/4 ranks: exact vs 8/4/2-bit and auto messages, without and with overlap; the share of the epoch
+  spent blocked on the exchange, and the bytes per epoch (stats included) against fp32 messages.
 * projection: see experiments/distributed_projection.py.
 """
 from __future__ import annotations
@@ -129,7 +130,7 @@ def accuracy(quick: bool, seeds: int, epochs: int, arxiv_scale: float, arxiv_epo
         "Cora": dict(dataset="Cora", model="gcn", hidden=64, layers=2, norm="none", epochs=epochs),
         "CiteSeer": dict(dataset="CiteSeer", model="gcn", hidden=64, layers=2, norm="none", epochs=epochs),
         "arxiv": dict(dataset="ogbn-arxiv-shape", scale=arxiv_scale, locality=0.9, model="gcn", hidden=128,
-                      layers=2, norm="batch_norm", epochs=arxiv_epochs, dropout=0.5),
+                      layers=2, norm="batch_norm", epochs=arxiv_epochs, dropout=0.5, sparse=True),
     }
     for key in datasets:
         base = settings[key]
@@ -158,21 +159,24 @@ def accuracy(quick: bool, seeds: int, epochs: int, arxiv_scale: float, arxiv_epo
 
 def timing(quick: bool, scale: float, epochs: int):
     base = dict(dataset="ogbn-arxiv-shape", scale=scale, locality=0.9, model="sage", hidden=128, layers=3,
-                norm="batch_norm", epochs=epochs, dropout=0.5)
-    modes = [dict(message_bits="none", no_overlap=True), dict(message_bits="2", no_overlap=True),
-             dict(message_bits="2", no_overlap=False), dict(message_bits="none", no_overlap=False)]
+                norm="batch_norm", epochs=epochs, dropout=0.5, sparse=True, auto_every=2)
+    modes = [dict(message_bits=b, no_overlap=True) for b in ("none", "8", "4", "2", "auto")]
+    modes += [dict(message_bits=b, no_overlap=False) for b in ("none", "2")]
     rows = []
     one = spawn_runs(1, base, [dict(message_bits="none", no_overlap=True)])[0]
     rows.append({"ranks": 1, "messages": "-", "overlap": False, "median epoch s": one["median_epoch_seconds"],
-                 "vs exact, same ranks": 1.0, "blocked on exchange": 0.0, "MB sent / epoch": 0.0})
+                 "vs exact, same ranks": 1.0, "blocked on exchange": 0.0, "MB sent / epoch": 0.0,
+                 "x fewer bytes than fp32": float("nan"), "auto bits per link": ""})
     for world in (2,) if quick else (2, 4):
         runs = spawn_runs(world, base, modes)
         ref = runs[0]["median_epoch_seconds"]
         for r in runs:
-            rows.append({"ranks": world, "messages": "exact" if r["message_bits"] == "none" else f"{r['message_bits']}-bit",
+            rows.append({"ranks": world, "messages": "exact" if r["message_bits"] == "none" else r["message_bits"],
                          "overlap": r["overlap"], "median epoch s": r["median_epoch_seconds"],
                          "vs exact, same ranks": r["median_epoch_seconds"] / ref,
-                         "blocked on exchange": r["comm_share"], "MB sent / epoch": r["bytes_per_epoch"] / 2**20})
+                         "blocked on exchange": r["comm_share"], "MB sent / epoch": r["bytes_per_epoch"] / 2**20,
+                         "x fewer bytes than fp32": r["fp32_bytes_per_epoch"] / max(1, r["bytes_per_epoch"]),
+                         "auto bits per link": r["auto_bits"] or ""})
             print(rows[-1], flush=True)
     return rows
 

@@ -12,7 +12,8 @@ GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
   auto (which spends at most uniform 4-bit time), and the compute time of the largest part's epoch
   (fp32, measured here on 2 cores) plus the 2-bit pack/unpack time (measured). Projected epoch time =
   compute + quantization + per layer and direction the slowest rank's bytes / link bandwidth, for 10
-  and 100 Gb/s. Also printed: the compute time per epoch below which 2-bit messages give 3x.
+  and 100 Gb/s. Also printed: the compute time per epoch below which 2-bit messages give 3x, and how
+  many times faster than this CPU (compute and packing alike) a machine must be for 3x.
 * memory: peak resident memory of each of 4 ranks training on their shards (each loads only its own
   shard from a partition directory) against one process training on the whole graph, both with
   exactq INT2 activations, 2 epochs.
@@ -58,6 +59,19 @@ def exchange_rows(edge_index, parts, world):
     recv = torch.bincount(pairs // n, minlength=world)
     send = torch.bincount(parts[pairs % n], minlength=world)
     return send, recv
+
+
+def compute_for_3x(pack: float, exact_comm: float, comm_2bit: float) -> float:
+    """Compute seconds per epoch at which 2-bit messages give 3x, pack time as measured:
+    (c + E) / (c + q + B) = 3. Negative: 3x is out of reach at this packing speed."""
+    return (exact_comm - 3 * (pack + comm_2bit)) / 2
+
+
+def speed_for_3x(compute: float, pack: float, exact_comm: float, comm_2bit: float) -> float:
+    """How many times faster than this CPU a machine must compute and pack for 2-bit messages to give
+    3x at the same links: (k c + E) / (k (c + q) + B) = 3."""
+    k = (exact_comm - 3 * comm_2bit) / (2 * compute + 3 * pack)
+    return 1 / k if k > 0 else float("inf")
 
 
 def epoch_compute_seconds(data, parts, rank, repeats: int = 2) -> float:
@@ -111,14 +125,15 @@ def projection(scale: float, worlds):
             t_exact = compute + nbytes[None] / bw
             t_2 = compute + quant + nbytes[2] / bw
             t_auto = compute + quant + nbytes[4] / bw  # auto's time budget: uniform 4-bit
-            # compute time per epoch at which 2-bit reaches 3x: (c + E) / (c + q + B2) = 3
-            c3 = (nbytes[None] / bw - 3 * (quant + nbytes[2] / bw)) / 2
+            c3 = compute_for_3x(quant, nbytes[None] / bw, nbytes[2] / bw)
+            k3 = speed_for_3x(compute, quant, nbytes[None] / bw, nbytes[2] / bw)
             rows.append({"machines": world, "Gb/s": gbps, "edge cut %": 100 * stats["cut_fraction"],
                          "busiest rank rows": busiest, "compute s (here)": compute, "2-bit pack s": quant,
                          "exact MB/epoch (busiest)": nbytes[None] / 2**20, "2-bit MB": nbytes[2] / 2**20,
                          "epoch s exact": t_exact, "epoch s 2-bit": t_2, "epoch s auto (<= 4-bit)": t_auto,
                          "2-bit speedup": t_exact / t_2, "auto speedup": t_exact / t_auto,
-                         "compute s for 3x (2-bit)": c3, "AdaQP best": ADAQP_SPEEDUP, "partition s": part_s})
+                         "compute s for 3x (2-bit)": c3, "machine speed for 3x (x this CPU)": k3,
+                         "AdaQP best": ADAQP_SPEEDUP, "partition s": part_s})
             print(rows[-1], flush=True)
     return rows
 
