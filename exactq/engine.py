@@ -440,6 +440,9 @@ class HookEngine:
             # Made inside the op without history, taking values 0 and v only: dropout's noise on CPU
             # (bernoulli(1 - p) / (1 - p), two-valued by construction), or checked to be so.
             return self._share(h, t, saved, R.MASK, (), lambda: _pack_two_valued(t), _unpack_mask)
+        sparse = _sparse_if_smaller(t, self._quantized_nbytes(t, form))
+        if sparse is not None:  # mostly zeros (bag-of-words sums): its nonzeros take less, and are exact
+            return self._share(h, t, saved, R.SPARSE, (), lambda: sparse, _unpack_sparse)
         if self.config.rp_ratio is not None and self.config.rp_ratio < 1 and t.dim() >= 2 and form.linear:
             d = t.shape[-1]
             r = EF.projected_width(d, self.config.rp_ratio)
@@ -472,6 +475,10 @@ class HookEngine:
         # Winners restore as 0 (the result restores as zeros), the rest as NaN, which equals nothing.
         payload = (EF.pack_mask(~win), t.new_full((), math.nan))
         return self._store_once(h, t, saved, R.COMPARISON, payload, _unpack_mask)
+
+    def _quantized_nbytes(self, t: torch.Tensor, form: rules.Quantize) -> int:
+        block = form.block_size or self.config.block_size_for(t.shape)
+        return (t.numel() * self.config.bits + 7) // 8 + -(-t.numel() // block) * 4
 
     def _next_seed(self) -> int:
         self._calls += 1
@@ -615,6 +622,43 @@ def _unpack_where(pool: _RestoreBuffers, payload: Tuple[EF.PackedMask, torch.Ten
     return torch.where(EF.unpack_mask(mask), true_value, false_value)
 
 
+# Density of a strided sample above which a tensor is not tried as sparse (the exact count costs a pass).
+_SPARSE_SAMPLE = 4096
+
+
+def _sparse_if_smaller(t: torch.Tensor, quantized_nbytes: int):
+    """``(crow, col, values, shape)`` of ``t`` seen as rows of its last dimension (CSR, int32 row
+    pointers, int16 columns where they fit), if that takes fewer bytes than quantizing it; else None."""
+    if t.dim() < 2 or not t.is_floating_point() or t.numel() >= 2**31 or t.layout != torch.strided:
+        return None
+    d = t.shape[-1]
+    rows = t.numel() // max(d, 1)
+    col_bytes = 2 if d <= 32767 else 4
+    per_nonzero = col_bytes + t.element_size()
+    budget = quantized_nbytes - (rows + 1) * 4
+    flat = t.reshape(-1)
+    sample = flat[::max(1, flat.numel() // _SPARSE_SAMPLE)]
+    if budget <= 0 or int(torch.count_nonzero(sample)) * per_nonzero > 2 * budget * sample.numel() / flat.numel():
+        return None
+    if int(torch.count_nonzero(flat)) * per_nonzero >= budget:
+        return None
+    x = flat.view(rows, d)
+    nonzero = x != 0
+    crow = torch.zeros(rows + 1, dtype=torch.int32, device=t.device)
+    torch.cumsum(nonzero.sum(1), 0, out=crow[1:])
+    col = nonzero.nonzero()[:, 1].to(torch.int16 if col_bytes == 2 else torch.int32)
+    return crow, col, x[nonzero], t.shape
+
+
+def _unpack_sparse(pool: _RestoreBuffers, payload) -> torch.Tensor:
+    crow, col, values, shape = payload
+    d = shape[-1]
+    out = pool.empty(math.prod(shape), values.dtype, values.device).zero_().view(-1, d)
+    rows = torch.repeat_interleave(torch.arange(out.shape[0], device=crow.device), crow.diff().long())
+    out[rows, col.long()] = values
+    return out.view(shape)
+
+
 def _dequantize(pool: _RestoreBuffers, q: EF.QuantizedTensor) -> torch.Tensor:
     return EF.dequantize(q, out=pool.empty(q.numel, q.dtype, q.packed.device))
 
@@ -629,7 +673,9 @@ def _unproject(pool: _RestoreBuffers, payload: Tuple[EF.QuantizedTensor, int, to
 def _payload_bytes(payload: Any) -> int:
     if isinstance(payload, EF.QuantizedTensor):
         return payload.nbytes
-    # projected: (QuantizedTensor, seed, shape); masks: (PackedMask, values...)
+    # projected: (QuantizedTensor, seed, shape); masks: (PackedMask, values...); sparse: (crow, col, values, shape)
     if isinstance(payload[0], EF.QuantizedTensor):
         return payload[0].nbytes
+    if isinstance(payload[0], torch.Tensor):
+        return sum(v.nbytes for v in payload[:3])
     return payload[0].nbytes + sum(v.nbytes for v in payload[1:] if isinstance(v, torch.Tensor))

@@ -8,13 +8,14 @@ from typing import Dict, Iterable, Tuple
 QUANTIZED = "quantized"  # block-wise low-bit
 PROJECTED = "projected"  # random projection, then block-wise low-bit
 MASK = "mask"  # bool tensor, 1 bit per element
+SPARSE = "sparse"  # mostly zeros: its nonzeros and their positions, exact (smaller than quantized)
 SIGN = "sign"  # output of ReLU-like op, only its sign kept (1 bit)
 COMPARISON = "comparison"  # only the comparison backward reads (max/min winners, clamp's range): 1 bit
 UNCOMPRESSED = "uncompressed"  # an activation kept as is (small, integer, sparse, or unsafe to round)
 EXTERNAL = "external"  # parameter or input that stays alive anyway: referenced, not copied
 DEDUPLICATED = "deduplicated"  # saved before by another op in the same form: shared
 UNNEEDED = "unneeded"  # never read by backward (A @ X's X for a constant A; max's result): nothing stored
-KINDS = (QUANTIZED, PROJECTED, MASK, SIGN, COMPARISON, UNCOMPRESSED, EXTERNAL, DEDUPLICATED, UNNEEDED)
+KINDS = (QUANTIZED, PROJECTED, SPARSE, MASK, SIGN, COMPARISON, UNCOMPRESSED, EXTERNAL, DEDUPLICATED, UNNEEDED)
 
 
 @dataclass(frozen=True)
