@@ -653,7 +653,9 @@ def _sparse_if_smaller(t: torch.Tensor, quantized_nbytes: int):
 def _unpack_sparse(pool: _RestoreBuffers, payload) -> torch.Tensor:
     crow, col, values, shape = payload
     d = shape[-1]
-    out = pool.empty(math.prod(shape), values.dtype, values.device).zero_().view(-1, d)
+    out = pool.empty(math.prod(shape), values.dtype, values.device)
+    out = (torch.zeros(math.prod(shape), dtype=values.dtype, device=values.device) if out is None
+           else out.zero_()).view(-1, d)
     rows = torch.repeat_interleave(torch.arange(out.shape[0], device=crow.device), crow.diff().long())
     out[rows, col.long()] = values
     return out.view(shape)
