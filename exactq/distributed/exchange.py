@@ -8,6 +8,7 @@ stats are NaN), so a non-finite value still makes the loss non-finite, as in fp3
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -20,6 +21,7 @@ from ..functional import draw_seed
 from .shard import ExchangePlan
 
 MESSAGE_BITS = (1, 2, 4, 8)
+_MAX_SEED = 2**63 - 1  # seeds of the quantize op lie in [0, 2**63 - 1)
 Bits = Optional[int]  # None: exact
 
 
@@ -101,21 +103,18 @@ class Exchanger:
 
     def __init__(self, plan: ExchangePlan, num_local: int, rank: int, group, stats: ExchangeStats):
         self.plan, self.num_local, self.rank, self.group, self.stats = plan, num_local, rank, group, stats
-        self._send_offsets = [0]
-        for c in plan.send_counts:
-            self._send_offsets.append(self._send_offsets[-1] + c)
-        self._recv_offsets = [0]
-        for c in plan.recv_counts:
-            self._recv_offsets.append(self._recv_offsets[-1] + c)
+        self._send_offsets = list(itertools.accumulate(plan.send_counts, initial=0))
+        self._recv_offsets = list(itertools.accumulate(plan.recv_counts, initial=0))
 
     def _seed(self) -> int:
-        return draw_seed() ^ (self.rank * 0x9E3779B97F4A7C15 & (2**63 - 1))
+        return (draw_seed() ^ (self.rank * 0x9E3779B97F4A7C15)) % _MAX_SEED
 
     def _exchange(self, rows: torch.Tensor, offsets, counts_send, counts_recv, bits_recv, bits_send, async_op):
         """rows: the concatenated per-peer rows to send (peer q's at offsets[q]:offsets[q+1])."""
         width, dtype = rows.shape[1], rows.dtype
         seed = self._seed()
-        bufs = [encode(rows[offsets[q]:offsets[q + 1]], bits_send[q], seed + q) for q in range(len(counts_send))]
+        bufs = [encode(rows[offsets[q]:offsets[q + 1]], bits_send[q], (seed + q) % _MAX_SEED)
+                for q in range(len(counts_send))]
         send = torch.cat(bufs) if bufs else rows.new_empty((0,), dtype=torch.uint8)
         out_splits = _splits(counts_recv, width, bits_recv, dtype)
         out = torch.empty(sum(out_splits), dtype=torch.uint8, device=rows.device)

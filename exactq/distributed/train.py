@@ -152,7 +152,7 @@ def run(rank: int, world: int, args: argparse.Namespace, part=None) -> Optional[
                          seconds=float(slowest), bytes=int(totals[1]), fp32_bytes=int(totals[2]),
                          comm_share=float(totals[7] / max(totals[6], 1e-12))))
         bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", val=f"{acc[1]:.3f}", s=f"{float(slowest):.2f}")
-        if rank == 0 and args.quiet is False and epoch % max(1, args.epochs // 10) == 0:
+        if rank == 0 and not args.quiet and epoch % max(1, args.epochs // 10) == 0:
             tqdm.write(f"epoch {epoch:4d}  loss {rows[-1]['loss']:.4f}  train {acc[0]:.3f}  val {acc[1]:.3f}  "
                        f"test {acc[2]:.3f}  {float(slowest):.3f} s  sent {int(totals[1]) / 2**20:.2f} MB "
                        f"(fp32 {int(totals[2]) / 2**20:.2f} MB)")
