@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 CHOICES = (2, 4, 8)
 
 
+def _global_rank(group, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
 def measure_links(group, world: int, rank: int, device: torch.device, nbytes: int = 1 << 20,
                   repeats: int = 3) -> np.ndarray:
     """Seconds per byte of every link, measured pair by pair with isend/irecv (both directions at
@@ -38,12 +42,11 @@ def measure_links(group, world: int, rank: int, device: torch.device, nbytes: in
     for i in range(world):
         for j in range(i + 1, world):
             if rank in (i, j):
-                peer = j if rank == i else i
+                peer = _global_rank(group, j if rank == i else i)
                 best = float("inf")
                 for _ in range(repeats):
                     t = time.perf_counter()
-                    reqs = [dist.isend(buf_out, dist.get_global_rank(group, peer) if group else peer, group=group),
-                            dist.irecv(buf_in, dist.get_global_rank(group, peer) if group else peer, group=group)]
+                    reqs = [dist.isend(buf_out, peer, group=group), dist.irecv(buf_in, peer, group=group)]
                     for r in reqs:
                         r.wait()
                     best = min(best, time.perf_counter() - t)
@@ -57,7 +60,7 @@ def solve(links: Dict[Tuple[int, int, int], Tuple[float, int, int]], cost: np.nd
           budget_bits: int = 4) -> Dict[Tuple[int, int, int], int]:
     """Bits per link. ``links[(layer, src, dst)] = (V, rows, width)``; ``cost[src, dst]``: seconds per
     byte. Returns ``{(layer, src, dst): bits}``."""
-    from scipy.optimize import LinearConstraint, milp
+    from scipy.optimize import Bounds, LinearConstraint, milp
 
     keys = sorted(k for k, (_, rows, _) in links.items() if rows > 0)
     if not keys:
@@ -97,7 +100,6 @@ def solve(links: Dict[Tuple[int, int, int], Tuple[float, int, int]], cost: np.nd
     rows_a.append(a), lo.append(-np.inf), hi.append(budget * (1 + 1e-9))
     integrality = np.r_[np.ones(nl * nb), np.zeros(len(layers))]
     bounds_hi = np.r_[np.ones(nl * nb), np.full(len(layers), np.inf)]
-    from scipy.optimize import Bounds
     res = milp(c, constraints=LinearConstraint(np.array(rows_a), lo, hi), integrality=integrality,
                bounds=Bounds(np.zeros(nvar), bounds_hi))
     if not res.success:
@@ -167,7 +169,7 @@ class AdaptiveBits:
         if self.rank == 0:
             links = {k: v for part in gathered for k, v in part.items()}
             out[0] = solve(links, self.cost, self.world, self.budget_bits)
-        dist.broadcast_object_list(out, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+        dist.broadcast_object_list(out, src=_global_rank(group, 0), group=group)
         self.assignment = out[0]
         self.solves += 1
         log.info("exactq.distributed auto bits (solve %d): %s", self.solves, self.histogram())
