@@ -61,4 +61,61 @@ inline void check_out(const at::Tensor& out, const at::Tensor& packed, int64_t n
               ", got ", out.device());
 }
 
+// INT8 compute ops (exactq.compute).
+inline void check_int8_quantize_input(const at::Tensor& x, int64_t dim) {
+  TORCH_CHECK(x.dim() == 2, "exactq: int8_quantize needs a 2-D tensor, got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "exactq: int8_quantize needs float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(dim == 0 || dim == 1, "exactq: int8_quantize dim must be 0 (a scale per column) or 1 (per row), got ",
+              dim);
+}
+
+inline void check_int8_spmm_inputs(const at::Tensor& crow, const at::Tensor& col, const std::optional<at::Tensor>& weight,
+                                   const at::Tensor& q, const at::Tensor& scale,
+                                   const std::optional<at::Tensor>& row_scale) {
+  TORCH_CHECK(crow.dim() == 1 && crow.numel() >= 1 && crow.scalar_type() == at::kLong && crow.is_contiguous(),
+              "exactq: crow must be a contiguous 1-D int64 tensor of rows + 1 offsets");
+  TORCH_CHECK(col.dim() == 1 && col.scalar_type() == at::kLong && col.is_contiguous(),
+              "exactq: col must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(),
+              "exactq: q must be a contiguous 2-D int8 tensor, got ", q.scalar_type(), " with ", q.dim(), " dims");
+  TORCH_CHECK(scale.dim() == 1 && scale.numel() == q.size(1) && scale.scalar_type() == at::kFloat &&
+                  scale.is_contiguous(),
+              "exactq: scale must be a contiguous float32 tensor of q.size(1) = ", q.size(1), " elements");
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->numel() == col.numel() && weight->scalar_type() == at::kFloat &&
+                    weight->is_contiguous(),
+                "exactq: weight must be a contiguous float32 tensor with one value per column index (",
+                col.numel(), ")");
+    TORCH_CHECK(weight->device() == q.device(), "exactq: weight must be on q's device");
+  }
+  if (row_scale.has_value()) {
+    TORCH_CHECK(row_scale->dim() == 1 && row_scale->numel() == crow.numel() - 1 &&
+                    row_scale->scalar_type() == at::kFloat && row_scale->is_contiguous(),
+                "exactq: row_scale must be a contiguous float32 tensor of crow.numel() - 1 = ", crow.numel() - 1,
+                " elements");
+    TORCH_CHECK(row_scale->device() == q.device(), "exactq: row_scale must be on q's device");
+  }
+  TORCH_CHECK(crow.device() == q.device() && col.device() == q.device() && scale.device() == q.device(),
+              "exactq: crow, col, q and scale must be on one device");
+}
+
+inline void check_int8_gemm_epilogue_inputs(const at::Tensor& acc, const at::Tensor& row_scale,
+                                            const at::Tensor& col_scale, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt, "exactq: acc must be a 2-D int32 tensor, got ",
+              acc.scalar_type(), " with ", acc.dim(), " dims");
+  TORCH_CHECK(row_scale.dim() == 1 && row_scale.numel() == acc.size(0) && row_scale.scalar_type() == at::kFloat,
+              "exactq: row_scale must be a float32 tensor of acc.size(0) = ", acc.size(0), " elements");
+  TORCH_CHECK(col_scale.dim() == 1 && col_scale.numel() == acc.size(1) && col_scale.scalar_type() == at::kFloat,
+              "exactq: col_scale must be a float32 tensor of acc.size(1) = ", acc.size(1), " elements");
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == acc.size(1) && bias->scalar_type() == at::kFloat,
+                "exactq: bias must be a float32 tensor of acc.size(1) = ", acc.size(1), " elements");
+}
+
+inline void check_seeded_dropout_input(const at::Tensor& x, double p) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "exactq: seeded_dropout needs a float32 tensor, got ", x.scalar_type());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "exactq: seeded_dropout needs 0 <= p < 1, got ", p);
+}
+
 }  // namespace exactq

@@ -6,6 +6,7 @@
 // multiply-add rounds once instead of twice and would break that equality.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -13,7 +14,7 @@
 #if defined(__CUDACC__)
 #define EXACTQ_HD __host__ __device__ __forceinline__
 #else
-#define EXACTQ_HD inline
+#define EXACTQ_HD inline __attribute__((always_inline))
 #endif
 
 namespace exactq {
@@ -218,6 +219,48 @@ inline int64_t blocks_per_byte_group(int64_t block_size, int bits) {
   int64_t m = 1;
   while ((m * block_size * bits) % 8 != 0) m *= 2;
   return m;
+}
+
+// ---- INT8 compute operands (exactq.compute) -------------------------------------------------------
+// Symmetric codes in [-127, 127] with one float32 scale per slice: scale = absmax / 127. A slice whose
+// absmax is 0 has scale 0 and codes 0; a slice holding NaN or +-Inf has a non-finite scale (callers
+// fall back to float for that product so non-finite values propagate as in fp32) and codes 0.
+
+// |v| as the bits of a float: for non-negative floats the unsigned order of the bits is the float
+// order, with +Inf above every finite value and NaN above +Inf, so an unsigned max propagates NaN.
+EXACTQ_HD uint32_t abs_bits(float v) { return float_bits(v) & 0x7FFFFFFFu; }
+
+EXACTQ_HD float int8_scale(uint32_t absmax_bits) { return bits_float(absmax_bits) / 127.0f; }
+
+// Code of x for a scale: nearest (ties to even, via the 1.5 * 2^23 trick, exact for |t| <= 127) or
+// stochastic: floor(t) + (u < t - floor(t)), unbiased; t - floor(t) is exact in float32.
+EXACTQ_HD int8_t int8_code(float x, float scale, bool stochastic, float u) {
+  // Selects only, no branches, so CPU loops over columns vectorise. An invalid scale (0, NaN, Inf) gives
+  // code 0: its input is replaced by 0 before anything is computed from it.
+  const bool valid = (scale > 0.0f) & (scale <= 3.4028234663852886e38f);
+  float t = (valid ? x : 0.0f) / (valid ? scale : 1.0f);
+  t = t > 127.0f ? 127.0f : t;
+  t = t < -127.0f ? -127.0f : t;
+  float r;
+  if (stochastic) {
+    // floor(t) for |t| <= 127 without a libcall; comparisons as 0/1 arithmetic, not branches.
+    const float tr = static_cast<float>(static_cast<int32_t>(t));
+    const float f = tr - static_cast<float>(tr > t);
+    r = f + static_cast<float>(u < t - f);
+  } else {
+    r = (t + 12582912.0f) - 12582912.0f;
+  }
+  return static_cast<int8_t>(static_cast<int32_t>(r));
+}
+
+// Seeded dropout's multiplier of element `index`: 1 / (1 - p) where kept (u >= p), else 0.
+EXACTQ_HD float dropout_factor(RngKeys k, uint32_t key_hi, uint32_t index_lo, float p, float scale) {
+  return uniform_lo(k, key_hi, index_lo) >= p ? scale : 0.0f;
+}
+
+// The uniform draw of element `index` (the same counter-based stream as the block quantizer).
+EXACTQ_HD float uniform_at(RngKeys k, uint64_t index) {
+  return uniform_lo(k, span_key(k, index >> 32), static_cast<uint32_t>(index));
 }
 
 }  // namespace exactq

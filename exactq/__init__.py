@@ -3,7 +3,9 @@ full-batch GNN training.
 
 Layers, bottom up: ``csrc/`` kernels -> :mod:`exactq._ops` (op schemas, fake impls) ->
 :mod:`exactq.reference` (plain-PyTorch specification of every op) -> :mod:`exactq.functional`
-(quantize / dequantize / pack_mask / random_project) -> hook engine -> user API.
+(quantize / dequantize / pack_mask / random_project) -> hook engine -> user API. Capabilities over the
+same kernels, each a subpackage: :mod:`exactq.compute` (int8 products, ``compute="int8"``) and
+:mod:`exactq.distributed` (full-graph training on partitions, quantized halo exchange).
 """
 from . import _ops  # noqa: F401  (defines the torch.library ops and loads the kernels)
 from .functional import (

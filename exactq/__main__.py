@@ -27,7 +27,7 @@ def _demo(args: argparse.Namespace) -> None:
         desc = f"{args.dataset} ({data.num_nodes:,} nodes, {data.num_features} features, {data.num_edges:,} edges)"
     classes = int(data.y.max()) + 1
     data = with_sparse_adjacency(data)
-    config = Config(bits=args.bits, rp_ratio=args.rp_ratio)
+    config = Config(bits=args.bits, rp_ratio=args.rp_ratio, compute=args.compute)
     print(f"exactq demo: {args.model} {args.layers} x {args.hidden}, batch norm, dropout 0.5, on {desc}")
     print(f"compression: {config}")
     results = {}
@@ -68,6 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--bits", type=int, default=2, choices=[1, 2, 4, 8])
     demo.add_argument("--rp-ratio", type=float, default=None, help="random projection kept fraction")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--compute", default=None, choices=["int8"],
+                      help="run linear layers and sparse aggregations on int8 operands (exactq.compute)")
     from .distributed import train as dtrain  # imports torch.distributed only when used
 
     part = sub.add_parser("partition", help="cut a graph into parts and write one shard file per part")

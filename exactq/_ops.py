@@ -30,6 +30,16 @@ _SCHEMAS = {
     "pack_mask": "pack_mask(Tensor x, bool positive=False) -> Tensor",
     "unpack_mask": "unpack_mask(Tensor packed, SymInt numel, Tensor? value=None) -> Tensor",
     "unpack_mask_into": "unpack_mask_into(Tensor packed, Tensor? value, Tensor(a!) out) -> ()",
+    # INT8 compute (exactq.compute): symmetric codes with a float32 scale per column (dim=0) or row (dim=1);
+    # nearest rounding without a seed, stochastic with one.
+    "int8_quantize": "int8_quantize(Tensor x, int dim, int? seed=None) -> (Tensor, Tensor)",
+    # out = row_scale * (A @ (q * scale)) for the CSR matrix A = (crow, col, weight or ones).
+    "int8_spmm": "int8_spmm(Tensor crow, Tensor col, Tensor? weight, Tensor q, Tensor scale, Tensor? row_scale) -> Tensor",
+    # The epilogue of an int8 GEMM (torch._int_mm's int32 result): acc * row_scale * col_scale + bias, in float32.
+    "int8_gemm_epilogue": "int8_gemm_epilogue(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor",
+    # Dropout whose mask is a function of (seed, element index): x * (u >= p ? 1 / (1 - p) : 0). Its
+    # backward is the same op on the gradient with the same seed, so the mask is never stored.
+    "seeded_dropout": "seeded_dropout(Tensor x, float p, int seed) -> Tensor",
 }
 for _schema in _SCHEMAS.values():
     _LIB.define(_schema)
@@ -68,6 +78,26 @@ def _unpack_mask_into_fake(packed, value, out):
     return None
 
 
+@torch.library.register_fake("exactq::int8_quantize", lib=_LIB)
+def _int8_quantize_fake(x, dim, seed=None):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[1 - dim],), dtype=torch.float32)
+
+
+@torch.library.register_fake("exactq::int8_spmm", lib=_LIB)
+def _int8_spmm_fake(crow, col, weight, q, scale, row_scale):
+    return q.new_empty((crow.shape[0] - 1, q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("exactq::int8_gemm_epilogue", lib=_LIB)
+def _int8_gemm_epilogue_fake(acc, row_scale, col_scale, bias):
+    return acc.new_empty(acc.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("exactq::seeded_dropout", lib=_LIB)
+def _seeded_dropout_fake(x, p, seed):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 # Device-generic fallback (CompositeExplicitAutograd): used where no native kernel is registered.
 for _name in _SCHEMAS:
     torch.library.register_kernel(f"exactq::{_name}", None, getattr(reference, _name), lib=_LIB)
@@ -93,3 +123,7 @@ dequantize_into = torch.ops.exactq.dequantize_into.default
 pack_mask = torch.ops.exactq.pack_mask.default
 unpack_mask = torch.ops.exactq.unpack_mask.default
 unpack_mask_into = torch.ops.exactq.unpack_mask_into.default
+int8_quantize = torch.ops.exactq.int8_quantize.default
+int8_spmm = torch.ops.exactq.int8_spmm.default
+int8_gemm_epilogue = torch.ops.exactq.int8_gemm_epilogue.default
+seeded_dropout = torch.ops.exactq.seeded_dropout.default

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 
 from . import functional as EF
+from .compute.mode import ComputeMode, session_hooks
 from .config import Config, make_config
 from .engine import HookEngine, OpTracker
 from .report import MemoryReport
@@ -38,6 +39,8 @@ class CompressionSession(contextlib.ContextDecorator):
         with contextlib.ExitStack() as stack:
             stack.enter_context(tracker)
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._engine.pack, self._engine.unpack))
+            if self.config.compute is not None:  # innermost: it sees the model's ops first
+                stack.enter_context(ComputeMode(session_hooks(self._engine)))
             self._stack = stack.pop_all()
         return self
 

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .compute.functional import check_compute
 from .functional import DEFAULT_BLOCK_SIZE, check_bits, check_block_size, check_seed, resolve_nonuniform
 
 DEFAULT_MIN_NUMEL = 4096
@@ -34,6 +35,9 @@ class Config:
         min_numel: saved tensors with fewer elements are kept as they are.
         seed: base seed of the stochastic rounding and projections; ``None`` draws from torch's
             default generator, so ``torch.manual_seed`` makes runs reproducible.
+        compute: ``None`` computes in the model's own precision; ``"int8"`` runs linear layers and
+            aggregations over a ``torch.sparse`` CSR adjacency on int8 operands with int32
+            accumulation, forward and backward (:mod:`exactq.compute`, which states what stays float32).
     """
 
     bits: int = 2
@@ -43,6 +47,7 @@ class Config:
     rp_ratio: Optional[float] = None
     min_numel: int = DEFAULT_MIN_NUMEL
     seed: Optional[int] = None
+    compute: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -60,6 +65,7 @@ class Config:
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ValueError(f"min_numel must be an int >= 0, got {self.min_numel!r}")
         check_seed(self.seed)
+        check_compute(self.compute)
 
     def nonuniform_for(self, normal_like: bool) -> bool:
         """Whether the non-uniform INT2 levels apply to a tensor (see ``nonuniform``)."""

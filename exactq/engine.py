@@ -264,6 +264,7 @@ class HookEngine:
         self.config = config
         self.tracker = tracker
         self.records: List[R.Record] = []
+        self.compute_counts: Dict[str, int] = {}
         self._seed = seed
         self._calls = 0
         self._pending: List[_Packed] = []
@@ -448,8 +449,9 @@ class HookEngine:
             r = EF.projected_width(d, self.config.rp_ratio)
             if r < d:
                 return self._share(h, t, saved, R.PROJECTED, (r,), lambda: self._project(t, r), _unproject)
-        return self._share(h, t, saved, R.QUANTIZED, (form.normal_like, form.block_size),
-                           lambda: self._quantize(t, form.normal_like, form.block_size), _dequantize)
+        block = self._block_size(t, form)
+        return self._share(h, t, saved, R.QUANTIZED, (form.normal_like, block),
+                           lambda: self._quantize(t, form.normal_like, block), _dequantize)
 
     def _store_bits(self, h: _Packed, t: torch.Tensor, form: rules.Bits, node: Any, saved: str) -> None:
         tv, fv = form.true_value(node), form.false_value(node)
@@ -476,9 +478,45 @@ class HookEngine:
         payload = (EF.pack_mask(~win), t.new_full((), math.nan))
         return self._store_once(h, t, saved, R.COMPARISON, payload, _unpack_mask)
 
+    def _block_size(self, t: torch.Tensor, form: rules.Quantize) -> int:
+        """The rule's block size, else the configured one, or one block per row where that pays for its
+        statistics (:func:`exactq.functional.row_blocks_pay`)."""
+        if form.block_size is not None or self.config.block_rows is not None:
+            return form.block_size or self.config.block_size_for(t.shape)
+        if EF.row_blocks_pay(t, self.config.bits, self.config.block_size):
+            return t.shape[-1]
+        return self.config.block_size
+
     def _quantized_nbytes(self, t: torch.Tensor, form: rules.Quantize) -> int:
         block = form.block_size or self.config.block_size_for(t.shape)
         return (t.numel() * self.config.bits + 7) // 8 + -(-t.numel() // block) * 4
+
+    # -- exactq's own compute ops (exactq.compute) ---------------------------------------------------
+    def stash(self, t: torch.Tensor, op: str) -> _Packed:
+        """Store a linear operand that one of exactq's compute ops keeps for its backward (its autograd
+        Function saves nothing through the hooks), by the same rules as a matrix product's input."""
+        if self._is_external(t):
+            return self._keep_now(t, op, R.EXTERNAL)
+        h = _Packed(t, op=op)
+        with torch.no_grad():
+            self._settle(h, rules.LINEAR, None, f"{op}.input", {})
+        return h
+
+    def keep(self, t: torch.Tensor, op: str, reason: str) -> _Packed:
+        """Keep a tensor one of exactq's compute ops needs exactly in its backward (e.g. edge weights),
+        counted in the report like any activation kept exactly."""
+        if self._is_external(t):
+            return self._keep_now(t, op, R.EXTERNAL)
+        return self._keep_now(t, op, R.UNCOMPRESSED, reason)
+
+    def next_seed(self) -> int:
+        """A fresh seed of this session's stream (stochastic rounding of exactq's compute ops)."""
+        return self._next_seed()
+
+    def note_compute(self, op: str, path: str) -> None:
+        """Count a product of exactq's compute ops by the path it ran (``int8`` or ``fp32: reason``)."""
+        key = f"{op}: {path}"
+        self.compute_counts[key] = self.compute_counts.get(key, 0) + 1
 
     def _next_seed(self) -> int:
         self._calls += 1
@@ -561,7 +599,7 @@ class HookEngine:
         self._shared.put(key, t, weakref.ref(h))
 
     def report(self) -> R.MemoryReport:
-        return R.MemoryReport.from_records(self.records)
+        return R.MemoryReport.from_records(self.records, self.compute_counts)
 
 
 _PLACEHOLDER = torch.empty(0)

@@ -221,3 +221,78 @@ def unpack_mask(packed: torch.Tensor, numel: int, value: Optional[torch.Tensor] 
 def unpack_mask_into(packed: torch.Tensor, value: Optional[torch.Tensor], out: torch.Tensor) -> None:
     """Reference of ``exactq::unpack_mask_into``: :func:`unpack_mask` written into ``out``."""
     out.view(-1).copy_(unpack_mask(packed, out.numel(), value))
+
+
+# ---- INT8 compute operands (exactq.compute) ----------------------------------------------------------
+# Symmetric codes in [-127, 127], one float32 scale = absmax / 127 per column (dim=0) or row (dim=1).
+# Nearest rounding (ties to even) without a seed; with one, stochastic: floor(t) + (u < t - floor(t)),
+# u the same counter-based draw as above for element index i * C + c. A slice whose scale is 0 or not
+# finite (it holds NaN/Inf) gets codes 0.
+
+
+def int8_quantize(x: torch.Tensor, dim: int, seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``exactq::int8_quantize``: returns (int8 codes shaped like ``x``, float32 scales)."""
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16) or dim not in (0, 1):
+        raise ValueError(f"int8_quantize needs a 2-D float32/bfloat16 tensor and dim 0 or 1, got "
+                         f"{x.dim()}-D {x.dtype}, dim={dim}")
+    xf = x.detach().float()
+    scale = xf.abs().amax(dim) / torch.tensor(127.0)
+    s = scale.unsqueeze(dim)
+    t = torch.clamp(xf / s, -127.0, 127.0)
+    if seed is None:
+        r = torch.round(t)
+    else:
+        f = torch.floor(t)
+        u = uniform(seed, torch.arange(x.numel(), dtype=torch.int64)).view(x.shape).to(x.device)
+        r = f + (u < t - f).float()
+    valid = (s > 0) & torch.isfinite(s)
+    codes = torch.where(valid, r, torch.zeros_like(r)).to(torch.int8)
+    return codes, scale
+
+
+def int8_spmm(crow: torch.Tensor, col: torch.Tensor, weight: Optional[torch.Tensor], q: torch.Tensor,
+              scale: torch.Tensor, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """Reference of ``exactq::int8_spmm``: ``row_scale * (A @ (q * scale))`` in float32 for the CSR matrix
+    ``A`` (rows ``crow.numel() - 1``; entries ``weight`` or ones). Unweighted sums of codes are exact int32
+    sums; weighted ones accumulate ``acc + w * code`` in float32 in CSR order, row by row."""
+    m, n, c = crow.numel() - 1, q.shape[0], q.shape[1]
+    deg = crow[1:] - crow[:-1]
+    if (crow[0] != 0 or crow[-1] != col.numel() or bool((deg < 0).any())
+            or bool(((col < 0) | (col >= n)).any())):
+        raise ValueError(f"malformed CSR: crow must be non-decreasing from 0 to col.numel() and every col index in "
+                         f"[0, {n}) (q.size(0))")
+    if weight is None:
+        rows = torch.repeat_interleave(torch.arange(m, device=q.device), deg)
+        acc = torch.zeros(m, c, dtype=torch.int32, device=q.device).index_add_(0, rows, q[col].to(torch.int32))
+        acc = acc.float()
+    else:
+        acc = torch.zeros(m, c, dtype=torch.float32, device=q.device)
+        for k in range(int(deg.max()) if m > 0 else 0):  # the k-th entry of every row that has one
+            rows = (deg > k).nonzero().squeeze(1)
+            e = crow[rows] + k
+            acc[rows] = acc[rows] + weight[e].unsqueeze(1) * q[col[e]].float()
+    out = acc * scale
+    return out * row_scale.unsqueeze(1) if row_scale is not None else out * torch.tensor(1.0)
+
+
+def int8_gemm_epilogue(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Reference of ``exactq::int8_gemm_epilogue``: ``(float(acc) * row_scale[i]) * col_scale[j]`` (+ ``bias[j]``)
+    in float32, for the int32 result of an int8 GEMM whose operands had these scales."""
+    if acc.dim() != 2 or acc.dtype != torch.int32 or row_scale.shape != (acc.shape[0],) \
+            or col_scale.shape != (acc.shape[1],) or (bias is not None and bias.shape != (acc.shape[1],)):
+        raise ValueError("int8_gemm_epilogue needs an int32 [M, N] acc, row_scale [M], col_scale [N], bias [N] or None")
+    out = (acc.float() * row_scale.float().unsqueeze(1)) * col_scale.float()
+    return out + bias.float() if bias is not None else out
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Reference of ``exactq::seeded_dropout``: element ``i`` (row-major) is kept where
+    ``uniform(seed, i) >= p`` (as float32) and multiplied by ``1 / (1 - p)`` (float32), else by 0 (so NaN
+    stays NaN, as in torch's dropout). float32 only."""
+    if x.dtype != torch.float32 or not 0.0 <= p < 1.0:
+        raise ValueError(f"seeded_dropout needs float32 and 0 <= p < 1, got {x.dtype}, p={p}")
+    pf = torch.tensor(p, dtype=torch.float32)
+    scale = torch.tensor(1.0, dtype=torch.float32) / (torch.tensor(1.0, dtype=torch.float32) - pf)
+    keep = uniform(seed, torch.arange(x.numel(), dtype=torch.int64)).view(x.shape).to(x.device) >= pf.to(x.device)
+    return x * torch.where(keep, scale.to(x.device), torch.zeros((), device=x.device))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 # How a saved tensor was stored.
 QUANTIZED = "quantized"  # block-wise low-bit
@@ -58,6 +58,8 @@ class MemoryReport:
         by_kind: totals per storage kind (see ``exactq.report.KINDS``).
         by_op: totals per op that saved the tensor.
         kept: totals of the activations kept exactly, per reason (see :mod:`exactq.rules`).
+        compute: with ``compute="int8"``, how many products ran each path, keyed ``"op: path"`` (``int8``,
+            or ``fp32: <reason>`` for a fallback; see :mod:`exactq.compute.functional`).
     """
 
     original_bytes: int
@@ -66,6 +68,7 @@ class MemoryReport:
     by_kind: Dict[str, Totals] = field(default_factory=dict)
     by_op: Dict[str, Totals] = field(default_factory=dict)
     kept: Dict[str, Totals] = field(default_factory=dict)
+    compute: Dict[str, int] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -73,7 +76,7 @@ class MemoryReport:
         return self.original_bytes / self.stored_bytes if self.stored_bytes else float("inf")
 
     @classmethod
-    def from_records(cls, records: Iterable[Record]) -> "MemoryReport":
+    def from_records(cls, records: Iterable[Record], compute: Optional[Dict[str, int]] = None) -> "MemoryReport":
         by_kind: Dict[str, Totals] = {}
         by_op: Dict[str, Totals] = {}
         kept: Dict[str, Totals] = {}
@@ -88,7 +91,7 @@ class MemoryReport:
                 kept[r.reason] = kept.get(r.reason, Totals()).add(r)
             original += r.original_bytes
             stored += r.stored_bytes
-        return cls(original, stored, external, by_kind, by_op, kept)
+        return cls(original, stored, external, by_kind, by_op, kept, dict(compute or {}))
 
     def _rows(self, title: str, items: Iterable[Tuple[str, Totals]], width: int = 24) -> list[str]:
         rows = [f"{title:<{width}} {'saved':>6} {'original MB':>12} {'stored MB':>10} {'ratio':>7}"]
@@ -109,4 +112,7 @@ class MemoryReport:
         if self.kept:
             lines.append("")
             lines += self._rows("kept exactly, because", self.kept.items(), width=60)
+        if self.compute:
+            lines += ["", f"{'compute (products so far, by path)':<60} {'count':>6}"]
+            lines += [f"{k:<60} {v:>6}" for k, v in sorted(self.compute.items())]
         return "\n".join(lines)

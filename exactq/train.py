@@ -14,6 +14,7 @@ from torch_geometric.nn.models import GAT, GCN, GIN, GraphSAGE
 from tqdm.auto import tqdm
 
 from .api import compress
+from .compute.structure import structure_of
 from .config import Config
 from .memory import LiveTensorMemory
 from .report import MemoryReport
@@ -93,6 +94,8 @@ def train(model: torch.nn.Module, data: Data, config: Optional[Config], *, epoch
     ``data.edge_index``.
     """
     graph = data.adj_t if "adj_t" in data else data.edge_index
+    if config is not None and config.compute is not None and isinstance(graph, torch.Tensor):
+        structure_of(graph)  # the adjacency's transpose for int8 backward: graph memory, built before measuring
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     result = RunResult(0.0, 0.0)
     for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):

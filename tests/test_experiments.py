@@ -137,3 +137,22 @@ def test_distributed_projection_quick(tmp_path):
     assert {int(r["machines"]) for r in rows} == {2, 4} and (tmp_path / "distributed_projection_quick.png").exists()
     for r in rows:
         assert float(r["exact MB/epoch (busiest)"]) >= 12 * float(r["2-bit MB"])
+
+
+def test_bench_compute_quick(tmp_path):
+    _run("bench_compute.py", tmp_path, "--models", "sage", "--hidden", "64")
+    kernels = {r["kernel"] for r in _rows(tmp_path / "bench_compute_kernels_quick.csv")}
+    assert any(k.startswith("SpMM sum") for k in kernels) and any("torch._int_mm" in k for k in kernels)
+    configs = {r["config"] for r in _rows(tmp_path / "bench_compute_epochs_quick.csv")}
+    assert {"fp32 CSR", "int8 compute + INT2", "bf16 autocast edge_index"} <= configs
+    (mem,) = _rows(tmp_path / "bench_compute_memory_quick.csv")
+    assert float(mem["x smaller"]) >= 12  # int8 compute keeps INT2 storage's saving (measured)
+    assert "exactq::int8_spmm" in (tmp_path / "bench_compute_profile_quick.md").read_text()
+
+
+def test_accuracy_compute_quick(tmp_path):
+    _run("accuracy_compute.py", tmp_path)
+    rows = _rows(tmp_path / "accuracy_compute_quick.csv")
+    assert {r["model"].split()[0] for r in rows} == {"gcn", "sage", "gin"} and len(rows) == 6
+    assert all(0 <= float(r["int8 + INT2 acc"]) <= 100 for r in rows)
+    assert (tmp_path / "accuracy_compute_quick.png").stat().st_size > 0

@@ -1,0 +1,251 @@
+// CUDA kernels of the INT8 compute ops (exactq.compute), registered for the CUDA dispatch key of the
+// schemas in exactq/_ops.py. Scalar steps are shared with the CPU kernels (csrc/common.h), so codes,
+// scales and products equal the reference (exactq/reference.py) bit for bit; build with --fmad=false.
+//
+// int8_quantize: absolute maxima as unsigned float bits (atomicMax per column, or a warp reduction per
+// row; csrc/common.h explains why the unsigned order propagates NaN), then one thread per element.
+// int8_spmm: one warp per output row, each lane owning columns lane, lane + 32, ...; neighbours are
+// visited in CSR order, so sums of codes are exact int32 sums and weighted sums are the reference's
+// sequential float32 sums. int8_gemm_epilogue: one thread per element.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../checks.h"
+#include "../common.h"
+
+namespace exactq {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxGrid = 65535 * 32;
+
+inline int64_t blocks_for(int64_t n, int64_t per_block) {
+  return std::max<int64_t>(1, std::min<int64_t>((n + per_block - 1) / per_block, kMaxGrid));
+}
+
+template <typename T>
+__device__ __forceinline__ float load_float(const T* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+
+template <typename T>
+__global__ void column_absmax_kernel(const T* __restrict__ x, int64_t n, int64_t C, unsigned int* __restrict__ m) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n * C;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    atomicMax(m + (i % C), abs_bits(load_float(x, i)));
+  }
+}
+
+template <typename T>
+__global__ void row_absmax_kernel(const T* __restrict__ x, int64_t n, int64_t C, unsigned int* __restrict__ m) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; r < n; r += warps) {
+    unsigned int v = 0;
+    for (int64_t c = lane; c < C; c += 32) v = max(v, abs_bits(load_float(x, r * C + c)));
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_down_sync(0xffffffffu, v, o));
+    if (lane == 0) m[r] = v;
+  }
+}
+
+__global__ void scales_kernel(const unsigned int* __restrict__ m, int64_t k, float* __restrict__ scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < k;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    scale[i] = int8_scale(m[i]);
+}
+
+template <typename T>
+__global__ void codes_kernel(const T* __restrict__ x, int64_t n, int64_t C, const float* __restrict__ scale,
+                             bool per_row, bool stochastic, RngKeys keys, int8_t* __restrict__ q) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n * C;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float s = per_row ? scale[i / C] : scale[i % C];
+    const float u = stochastic ? uniform_at(keys, static_cast<uint64_t>(i)) : 0.0f;
+    q[i] = int8_code(load_float(x, i), s, stochastic, u);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> int8_quantize_cuda(const at::Tensor& x_in, int64_t dim,
+                                                      std::optional<int64_t> seed) {
+  check_int8_quantize_input(x_in, dim);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0), C = x.size(1), k = dim == 0 ? C : n;
+  at::Tensor q = at::empty({n, C}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({k}, x.options().dtype(at::kFloat));
+  at::Tensor m = at::zeros({k}, x.options().dtype(at::kInt));
+  auto* mp = reinterpret_cast<unsigned int*>(m.data_ptr<int32_t>());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const RngKeys keys = make_keys(seed.value_or(0));
+  auto run = [&](auto* xp) {
+    if (n * C > 0) {
+      if (dim == 0) {
+        column_absmax_kernel<<<blocks_for(n * C, kThreads), kThreads, 0, stream>>>(xp, n, C, mp);
+      } else {
+        row_absmax_kernel<<<blocks_for(n, kThreads / 32), kThreads, 0, stream>>>(xp, n, C, mp);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    scales_kernel<<<blocks_for(k, kThreads), kThreads, 0, stream>>>(mp, k, scale.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (n * C > 0) {
+      codes_kernel<<<blocks_for(n * C, kThreads), kThreads, 0, stream>>>(
+          xp, n, C, scale.data_ptr<float>(), dim == 1, seed.has_value(), keys, q.data_ptr<int8_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(x.const_data_ptr<float>());
+  } else {
+    run(x.const_data_ptr<c10::BFloat16>());
+  }
+  return {q, scale};
+}
+
+// One warp per row; *bad is set for a malformed row (checked on the host after the launch).
+template <bool W>
+__global__ void spmm_kernel(const int64_t* __restrict__ crow, const int64_t* __restrict__ col,
+                            const float* __restrict__ w, const int8_t* __restrict__ q, int64_t n, int64_t C,
+                            const float* __restrict__ scale, const float* __restrict__ rs, int64_t M, int64_t nnz,
+                            float* __restrict__ out, int* __restrict__ bad) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; i < M; i += warps) {
+    const int64_t e0 = crow[i], e1 = crow[i + 1];
+    if (e0 < 0 || e0 > e1 || e1 > nnz) {
+      if (lane == 0) atomicExch(bad, 1);
+      continue;
+    }
+    const float r = rs != nullptr ? rs[i] : 1.0f;
+    for (int64_t c0 = 0; c0 < C; c0 += 32 * 8) {  // up to 8 columns per lane in registers
+      int32_t iacc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      float facc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t j = col[e];
+        if (static_cast<uint64_t>(j) >= static_cast<uint64_t>(n)) {
+          if (lane == 0) atomicExch(bad, 1);
+          continue;
+        }
+        const int8_t* qr = q + j * C;
+        const float we = W ? w[e] : 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const int64_t c = c0 + lane + 32 * k;
+          if (c < C) {
+            if (W) {
+              facc[k] = facc[k] + we * static_cast<float>(qr[c]);
+            } else {
+              iacc[k] += qr[c];
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int64_t c = c0 + lane + 32 * k;
+        if (c < C) out[i * C + c] = ((W ? facc[k] : static_cast<float>(iacc[k])) * scale[c]) * r;
+      }
+    }
+  }
+}
+
+at::Tensor int8_spmm_cuda(const at::Tensor& crow, const at::Tensor& col, const std::optional<at::Tensor>& weight,
+                          const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& row_scale) {
+  check_int8_spmm_inputs(crow, col, weight, q, scale, row_scale);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t M = crow.numel() - 1, n = q.size(0), C = q.size(1), nnz = col.numel();
+  at::Tensor out = at::empty({M, C}, q.options().dtype(at::kFloat));
+  at::Tensor bad = at::zeros({1}, q.options().dtype(at::kInt));
+  if (M > 0 && C > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    const float* wp = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
+    const float* rsp = row_scale.has_value() ? row_scale->const_data_ptr<float>() : nullptr;
+    const int64_t grid = blocks_for(M, kThreads / 32);
+    if (wp != nullptr) {
+      spmm_kernel<true><<<grid, kThreads, 0, stream>>>(crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(),
+                                                       wp, q.const_data_ptr<int8_t>(), n, C,
+                                                       scale.const_data_ptr<float>(), rsp, M, nnz,
+                                                       out.data_ptr<float>(), bad.data_ptr<int>());
+    } else {
+      spmm_kernel<false><<<grid, kThreads, 0, stream>>>(crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(),
+                                                        wp, q.const_data_ptr<int8_t>(), n, C,
+                                                        scale.const_data_ptr<float>(), rsp, M, nnz,
+                                                        out.data_ptr<float>(), bad.data_ptr<int>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  TORCH_CHECK(crow[0].item<int64_t>() == 0 && crow[M].item<int64_t>() == nnz && bad.item<int>() == 0,
+              "exactq: malformed CSR: crow must be non-decreasing from 0 to col.numel() and every col index in "
+              "[0, ", n, ") (q.size(0))");
+  return out;
+}
+
+__global__ void epilogue_kernel(const int32_t* __restrict__ acc, const float* __restrict__ rs,
+                                const float* __restrict__ cs, const float* __restrict__ bias, int64_t M, int64_t N,
+                                float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < M * N;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = i % N;
+    const float v = (static_cast<float>(acc[i]) * rs[i / N]) * cs[j];
+    out[i] = bias != nullptr ? v + bias[j] : v;
+  }
+}
+
+at::Tensor int8_gemm_epilogue_cuda(const at::Tensor& acc_in, const at::Tensor& rs_in, const at::Tensor& cs_in,
+                                   const std::optional<at::Tensor>& bias_in) {
+  check_int8_gemm_epilogue_inputs(acc_in, rs_in, cs_in, bias_in);
+  const c10::cuda::CUDAGuard guard(acc_in.device());
+  const at::Tensor acc = acc_in.contiguous(), rs = rs_in.contiguous(), cs = cs_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const int64_t M = acc.size(0), N = acc.size(1);
+  at::Tensor out = at::empty({M, N}, acc.options().dtype(at::kFloat));
+  if (M * N > 0) {
+    epilogue_kernel<<<blocks_for(M * N, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        acc.const_data_ptr<int32_t>(), rs.const_data_ptr<float>(), cs.const_data_ptr<float>(),
+        bias.defined() ? bias.const_data_ptr<float>() : nullptr, M, N, out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+__global__ void dropout_kernel(const float* __restrict__ x, int64_t n, RngKeys keys, float p, float scale,
+                               float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t idx = static_cast<uint64_t>(i);
+    out[i] = x[i] * dropout_factor(keys, span_key(keys, idx >> 32), static_cast<uint32_t>(idx), p, scale);
+  }
+}
+
+at::Tensor seeded_dropout_cuda(const at::Tensor& x_in, double p_d, int64_t seed) {
+  check_seeded_dropout_input(x_in, p_d);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const float p = static_cast<float>(p_d);
+  const int64_t n = x.numel();
+  if (n > 0) {
+    dropout_kernel<<<blocks_for(n, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<float>(), n, make_keys(seed), p, 1.0f / (1.0f - p), out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(exactq, CUDA, m) {
+  m.impl("seeded_dropout", &seeded_dropout_cuda);
+  m.impl("int8_quantize", &int8_quantize_cuda);
+  m.impl("int8_spmm", &int8_spmm_cuda);
+  m.impl("int8_gemm_epilogue", &int8_gemm_epilogue_cuda);
+}
+
+}  // namespace cuda
+}  // namespace exactq

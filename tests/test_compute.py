@@ -1,0 +1,378 @@
+"""INT8 compute (exactq.compute): kernels equal the reference bit for bit, primitives are close to fp32
+(and unbiased in their gradients), fallbacks are exact and counted, and a session with compute="int8"
+trains PyG models unchanged."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import exactq
+from exactq import _ops, reference
+from exactq.compute import functional as CF
+from exactq.compute.structure import STRUCTURES, StructureCache, structure_of
+
+
+def _csr(n_rows, n_cols, nnz, device="cpu", seed=0, weighted=True, empty_rows=True):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, n_rows, (nnz,), generator=g)
+    if not empty_rows:
+        rows[: n_rows] = torch.arange(n_rows)
+    cols = torch.randint(0, n_cols, (nnz,), generator=g)
+    vals = torch.rand(nnz, generator=g) + 0.1 if weighted else torch.ones(nnz)
+    a = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n_rows, n_cols)).coalesce()
+    if not weighted:
+        a = torch.sparse_coo_tensor(a.indices(), torch.ones(a.indices().shape[1]), a.shape).coalesce()
+    return a.to_sparse_csr().to(device)
+
+
+def _special(x):
+    x = x.clone()
+    x[:, 3] = 0.0  # a zero column: scale 0, codes 0
+    x[5, 7] = float("nan")
+    x[9, 8] = float("inf")
+    x[2, 10] = -float("inf")
+    return x
+
+
+# ---- kernels ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [None, 123], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (37, 21), (300, 64), (1000, 130)], ids=str)
+def test_int8_quantize_equals_reference(device, shape, dtype, dim, seed):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    if shape[0] > 10 and shape[1] > 10:
+        x = _special(x)
+    q, s = _ops.int8_quantize(x.to(device), dim, seed)
+    rq, rs = reference.int8_quantize(x, dim, seed)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (shape[1 - dim],)
+    assert torch.equal(q.cpu(), rq)
+    assert torch.equal(s.cpu().isnan(), rs.isnan()) and torch.equal(s.cpu().nan_to_num(), rs.nan_to_num())
+
+
+def test_int8_quantize_bounds_and_unbiased(device):
+    x = torch.randn(64, 48, device=device) * torch.logspace(-3, 2, 48, device=device)
+    for dim in (0, 1):
+        q, s = _ops.int8_quantize(x, dim)
+        deq = q.float() * s.unsqueeze(dim)
+        assert int(q.abs().max()) <= 127
+        assert bool(((deq - x).abs() <= 0.5 * s.unsqueeze(dim) * (1 + 1e-6)).all())  # nearest: half a step
+        draws = torch.stack([_ops.int8_quantize(x, dim, seed)[0].float() for seed in range(400)])
+        assert bool(((draws - x.unsqueeze(0) / s.unsqueeze(dim)).abs() < 1).all())  # within one step
+        mean = draws.mean(0) * s.unsqueeze(dim)
+        assert float((mean - x).abs().max() / s.max()) < 0.1  # unbiased: 400 draws, sd of a step / 20
+
+
+@pytest.mark.parametrize("row_scale", [False, True], ids=["", "row_scale"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["ones", "weighted"])
+@pytest.mark.parametrize("C", [1, 5, 64, 130])
+def test_int8_spmm_equals_reference(device, C, weighted, row_scale):
+    a = _csr(50, 40, 300, weighted=weighted)
+    x = torch.randn(40, C)
+    q, s = _ops.int8_quantize(x, 0)
+    w = a.values() if weighted else None
+    rs = torch.rand(50) if row_scale else None
+    out = _ops.int8_spmm(*(t.to(device) if t is not None else None
+                           for t in (a.crow_indices(), a.col_indices(), w, q, s, rs)))
+    ref = reference.int8_spmm(a.crow_indices(), a.col_indices(), w, q, s, rs)
+    assert torch.equal(out.cpu(), ref)
+    dense = (a.to_dense() if weighted else (a.to_dense() != 0).float()) @ (q.float() * s)
+    torch.testing.assert_close(ref, dense * (rs.unsqueeze(1) if row_scale else 1.0), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_spmm_int32_sums_are_exact(device):
+    # A hub row of 20,000 neighbours with code 127: 2,540,000 is exact in int32 and in float32.
+    n = 20_000
+    crow = torch.tensor([0, n], dtype=torch.int64)
+    col = torch.arange(n)
+    q = torch.full((n, 3), 127, dtype=torch.int8)
+    out = _ops.int8_spmm(crow.to(device), col.to(device), None, q.to(device), torch.ones(3, device=device), None)
+    assert out.cpu().tolist() == [[127.0 * n] * 3]
+
+
+def test_int8_gemm_epilogue_equals_reference(device):
+    acc = torch.randint(-(2**20), 2**20, (33, 17), dtype=torch.int32)
+    rs, cs, b = torch.rand(33), torch.rand(17), torch.randn(17)
+    for bias in (None, b):
+        out = _ops.int8_gemm_epilogue(acc.to(device), rs.to(device), cs.to(device),
+                                      bias.to(device) if bias is not None else None)
+        assert torch.equal(out.cpu(), reference.int8_gemm_epilogue(acc, rs, cs, bias))
+
+
+def test_opcheck(device):
+    a = _csr(20, 15, 60)
+    x = torch.randn(15, 8, device=device)
+    q, s = _ops.int8_quantize(x, 0)
+    crow, col, w = (t.clone().to(device) for t in (a.crow_indices(), a.col_indices(), a.values()))
+    acc = torch.randint(-100, 100, (6, 4), dtype=torch.int32, device=device)
+    cases = [
+        (_ops.int8_quantize, (x, 0, None)),
+        (_ops.int8_quantize, (x.bfloat16(), 1, 7)),
+        (_ops.int8_spmm, (crow, col, w, q, s, None)),
+        (_ops.int8_spmm, (crow, col, None, q, s, torch.rand(20, device=device))),
+        (_ops.int8_gemm_epilogue, (acc, torch.rand(6, device=device), torch.rand(4, device=device), None)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: _ops.int8_quantize(torch.randn(2, 3, 4), 0), "2-D tensor"),
+    (lambda: _ops.int8_quantize(torch.randn(2, 3).double(), 0), "float32 or bfloat16"),
+    (lambda: _ops.int8_quantize(torch.randn(2, 3), 2), "dim must be 0"),
+    (lambda: _ops.int8_spmm(torch.tensor([0, 1]), torch.tensor([5]), None, torch.zeros(3, 2, dtype=torch.int8),
+                            torch.ones(2), None), "every col index"),
+    (lambda: _ops.int8_spmm(torch.tensor([1, 1]), torch.tensor([0]), None, torch.zeros(3, 2, dtype=torch.int8),
+                            torch.ones(2), None), "crow must start at 0"),
+    (lambda: _ops.int8_spmm(torch.tensor([0, 1]), torch.tensor([0]), None, torch.zeros(3, 2), torch.ones(2), None),
+     "q must be a contiguous 2-D int8"),
+    (lambda: _ops.int8_spmm(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(2), torch.zeros(3, 2, dtype=torch.int8),
+                            torch.ones(2), None), "weight must be"),
+    (lambda: _ops.int8_gemm_epilogue(torch.zeros(2, 3, dtype=torch.int32), torch.ones(3), torch.ones(3), None),
+     "row_scale must be"),
+])
+def test_kernels_reject_bad_input(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+# ---- primitives ------------------------------------------------------------------------------------------
+
+def _rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["ones", "weighted"])
+def test_spmm_close_to_fp32_and_gradient_unbiased(weighted, reduce):
+    a = _csr(300, 300, 3000, weighted=weighted, seed=2)
+    x = torch.randn(300, 32, requires_grad=True)
+    ref = torch.sparse.mm(a, x, reduce) if reduce == "mean" else torch.sparse.mm(a, x)
+    g = torch.randn_like(ref)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    out = CF.spmm(a, x, reduce)
+    assert _rel(out, ref) < 0.01
+    grads = torch.stack([torch.autograd.grad(CF.spmm(a, x, reduce), x, g)[0] for _ in range(200)])
+    assert _rel(grads[0], gx_ref) < 0.05
+    assert _rel(grads.mean(0), gx_ref) < _rel(grads[0], gx_ref) / 5  # stochastic rounding: the error averages out
+
+
+def test_spmm_falls_back_exactly_and_says_why():
+    a = _csr(40, 40, 200)
+    notes = []
+    hooks = CF.Hooks(lambda t, n: CF._Kept(t), lambda t, n, r: CF._Kept(t), lambda: 1,
+                     lambda op, path: notes.append(path))
+    x = torch.randn(40, 8)
+    x[3, 1] = float("nan")
+    assert torch.equal(CF.spmm(a, x, hooks=hooks).isnan(), torch.sparse.mm(a, x).isnan())
+    torch.testing.assert_close(CF.spmm(a, x, hooks=hooks), torch.sparse.mm(a, x), equal_nan=True, rtol=0, atol=0)
+    y = torch.randn(40, 8)
+    assert torch.equal(CF.spmm(a, y, "max", hooks=hooks), torch.sparse.mm(a, y, "max"))
+    b = torch.sparse_csr_tensor(a.crow_indices(), a.col_indices(), a.values().clone().requires_grad_(), a.shape)
+    assert torch.equal(CF.spmm(b, y, hooks=hooks), torch.sparse.mm(b, y))
+    assert notes == ["fp32: operand holds NaN/Inf", "fp32: operand holds NaN/Inf",
+                     "fp32: reduce='max' (int8 serves sum and mean)", "fp32: adjacency values require a gradient"]
+
+
+def test_spmm_backward_with_nonfinite_gradient_is_fp32():
+    a = _csr(30, 30, 120)
+    x = torch.randn(30, 4, requires_grad=True)
+    g = torch.randn(30, 4)
+    g[2, 0] = float("inf")
+    (got,) = torch.autograd.grad(CF.spmm(a, x), x, g)
+    (want,) = torch.autograd.grad(torch.sparse.mm(a, x), x, g)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_close_to_fp32_and_gradients_unbiased(dtype):
+    lin = torch.nn.Linear(48, 24)
+    x = torch.randn(5, 100, 48).to(dtype).requires_grad_()
+    ref = F.linear(x.float(), lin.weight, lin.bias)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x, lin.weight, lin.bias), g)
+    out = CF.linear(x, lin.weight, lin.bias)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert _rel(out.float(), ref) < 0.02
+    draws = [torch.autograd.grad(CF.linear(x, lin.weight, lin.bias), (x, lin.weight, lin.bias), g.to(dtype))
+             for _ in range(100)]
+    for k in range(3):
+        single = _rel(draws[0][k].float(), want[k].float())
+        assert single < 0.05
+        if k < 2 and dtype == torch.float32:
+            mean = torch.stack([d[k] for d in draws]).mean(0)
+            assert _rel(mean, want[k]) < single / 3
+
+
+def test_weight_gradient_over_many_rows_does_not_overflow():
+    # 140,000 rows of the same sign exceed int32 in one int8 GEMM; the chunked sum does not.
+    x = torch.ones(140_000, 8, requires_grad=False)
+    w = torch.nn.Parameter(torch.ones(8, 8))
+    out = CF.linear(x, w)
+    (gw,) = torch.autograd.grad(out, w, torch.ones_like(out))
+    torch.testing.assert_close(gw, torch.full((8, 8), 140_000.0), rtol=1e-2, atol=0)
+
+
+def test_linear_falls_back_exactly():
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(10, 8)
+    x[1, 2] = float("nan")
+    torch.testing.assert_close(CF.linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias),
+                               equal_nan=True, rtol=0, atol=0)
+    xd = torch.randn(10, 8, dtype=torch.float64)
+    assert torch.equal(CF.linear(xd, lin.weight.double()), F.linear(xd, lin.weight.double()))
+
+
+def test_compute_mode_is_validated():
+    with pytest.raises(ValueError, match="compute must be None or one of"):
+        exactq.Config(compute="int4")
+    with pytest.raises(ValueError, match="compute must be None or one of"):
+        exactq.compress(compute=8)
+
+
+# ---- graph structure cache -----------------------------------------------------------------------------
+
+def test_structure_is_found_by_content_and_is_the_transpose():
+    cache = StructureCache(size=2)
+    a = _csr(30, 20, 100)
+    s1 = cache.get(a.crow_indices(), a.col_indices(), 20)
+    assert cache.get(a.crow_indices().clone(), a.col_indices().clone(), 20) is s1  # equal content: reused
+    t = torch.sparse_csr_tensor(s1.t_crow, s1.t_col, a.values()[s1.perm], (20, 30))
+    assert torch.equal(t.to_dense(), a.to_dense().t())
+    b = _csr(30, 20, 100, seed=5)
+    assert cache.get(b.crow_indices(), b.col_indices(), 20) is not s1
+    # The cache holds its own copies: changing the caller's indices in place cannot corrupt it.
+    crow = a.crow_indices().clone()
+    s2 = cache.get(crow, a.col_indices(), 20)
+    crow.zero_()
+    assert not torch.equal(s2.crow, crow)
+    assert structure_of(torch.randn(3, 3)) is None
+
+
+# ---- sessions ------------------------------------------------------------------------------------------
+
+def _planetoid_like(n=400, f=32, classes=4, seed=0):
+    from exactq.data import synthetic_graph, with_sparse_adjacency
+
+    return with_sparse_adjacency(synthetic_graph(n, f, n * 8, classes, signal=1.0, seed=seed))
+
+
+def _models(f, c):
+    from torch_geometric.nn import GCN, GIN, GraphSAGE, GraphConv
+
+    class Conv2(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = GraphConv(f, 32), GraphConv(32, c)
+
+        def forward(self, x, adj):
+            return self.c2(F.relu(self.c1(x, adj)), adj)
+
+    return {
+        "GCN": lambda: GCN(f, 32, 2, c, norm="batch_norm"),
+        "GraphSAGE": lambda: GraphSAGE(f, 32, 2, c, norm="batch_norm"),
+        "GIN": lambda: GIN(f, 32, 2, c),
+        "GraphConv": Conv2,
+    }
+
+
+@pytest.mark.parametrize("name", ["GCN", "GraphSAGE", "GIN", "GraphConv"])
+def test_session_runs_pyg_models_in_int8(name):
+    data = _planetoid_like()
+    torch.manual_seed(0)
+    model = _models(data.num_features, 4)[name]()
+
+    def grads(cfg):
+        model.zero_grad()
+        torch.manual_seed(1)
+        with exactq.compress(cfg) as session:
+            out = model(data.x, data.adj_t)
+        F.cross_entropy(out, data.y).backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]), session.report()
+
+    out0, g0, _ = grads(exactq.Config(min_numel=2**62, seed=0))  # float32 compute, nothing compressed
+    out, g, report = grads(exactq.Config(bits=8, compute="int8", seed=0))
+    assert _rel(out, out0) < 0.03
+    assert _rel(g, g0) < 0.1
+    assert report.compute.get("spmm: int8", 0) >= 2 and report.compute.get("linear: int8", 0) >= 2
+    assert report.compute.get("spmm backward: int8", 0) >= 1
+    assert not [k for k in report.compute if "fp32" in k], report.compute
+
+
+def test_int8_compute_with_int2_storage_saves_memory():
+    from exactq.data import synthetic_graph, with_sparse_adjacency
+    from torch_geometric.nn import GraphSAGE
+
+    data = with_sparse_adjacency(synthetic_graph(20_000, 64, 200_000, 8, signal=1.0, seed=0))
+    torch.manual_seed(0)
+    model = GraphSAGE(64, 128, 3, 8, norm="batch_norm", dropout=0.5)
+    with exactq.compress(compute="int8"):  # builds the graph's cached transpose: graph memory, made once
+        model(data.x, data.adj_t)
+    sizes = {}
+    for label, cfg in (("fp32", None), ("int8+INT2", exactq.Config(bits=2, compute="int8"))):
+        with exactq.LiveTensorMemory() as mem:
+            if cfg is None:
+                out = model(data.x, data.adj_t)
+            else:
+                with exactq.compress(cfg):
+                    out = model(data.x, data.adj_t)
+            sizes[label] = mem.live_bytes() - out.untyped_storage().nbytes()
+        out.sum().backward()  # the graph is sound
+        del out
+    assert sizes["fp32"] / sizes["int8+INT2"] >= 12, sizes
+
+
+def test_wrap_and_decorator_accept_compute():
+    data = _planetoid_like()
+    from torch_geometric.nn import GraphSAGE
+
+    model = exactq.wrap(GraphSAGE(data.num_features, 16, 2, 4), bits=4, compute="int8")
+    model(data.x, data.adj_t).sum().backward()
+    assert model.forward.exactq_session.last.report().compute.get("linear: int8", 0) >= 2
+    step = exactq.compressed(compute="int8")(lambda: model(data.x, data.adj_t))
+    step()
+    assert step.exactq_session.last.config.compute == "int8"
+
+
+def test_edge_index_models_run_linear_layers_in_int8_and_aggregate_in_fp32():
+    data = _planetoid_like()
+    from torch_geometric.nn import GraphSAGE
+
+    model = GraphSAGE(data.num_features, 16, 2, 4)
+    with exactq.compress(compute="int8") as session:
+        out = model(data.x, data.edge_index)
+    out.sum().backward()
+    assert session.report().compute.get("linear: int8", 0) >= 2
+    assert "spmm: int8" not in session.report().compute
+
+
+# ---- seeded dropout ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_seeded_dropout_equals_reference_and_has_dropouts_law(device, p):
+    x = torch.randn(300, 77)
+    x[4, 5] = float("nan")
+    out = _ops.seeded_dropout(x.to(device), p, 11).cpu()
+    ref = reference.seeded_dropout(x, p, 11)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+    kept = (out != 0) & ~out.isnan()
+    assert abs(float(kept.float().mean()) - (1 - p)) < 4 * ((p * (1 - p)) / x.numel()) ** 0.5
+    torch.testing.assert_close(out[kept], x[kept] / (1 - p))
+    assert bool(out.isnan()[4, 5])  # NaN * 0 is NaN, as in torch's dropout
+    torch.library.opcheck(_ops.seeded_dropout, (torch.randn(30, 7, device=device), p, 3))
+
+
+def test_dropout_backward_regenerates_the_mask_and_stores_nothing():
+    x = torch.randn(500, 64, requires_grad=True)
+    out = CF.dropout(x, 0.3)
+    (g,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    torch.testing.assert_close(g, (out.detach() != 0).float() / 0.7)
+    with exactq.compress(compute="int8") as session:
+        y = torch.nn.functional.dropout(x * 2, 0.3, training=True)
+        z = torch.nn.Dropout(0.5)(y)
+    z.sum().backward()
+    assert session.report().compute["dropout: seeded mask (nothing stored)"] == 2
+    assert "dropout" not in session.report().by_op  # nothing saved for it
+    for bad in (dict(p=0.5, inplace=True), dict(p=1.0)):
+        assert CF.dropout(torch.ones(4, 4), **bad).shape == (4, 4)  # torch's dropout serves these
+    assert torch.equal(CF.dropout(x, 0.5, training=False), x)
