@@ -441,7 +441,8 @@ class HookEngine:
             # Made inside the op without history, taking values 0 and v only: dropout's noise on CPU
             # (bernoulli(1 - p) / (1 - p), two-valued by construction), or checked to be so.
             return self._share(h, t, saved, R.MASK, (), lambda: _pack_two_valued(t), _unpack_mask)
-        sparse = _sparse_if_smaller(t, self._quantized_nbytes(t, form))
+        block = self._block_size(t, form)
+        sparse = _sparse_if_smaller(t, (t.numel() * self.config.bits + 7) // 8 + -(-t.numel() // block) * 4)
         if sparse is not None:  # mostly zeros (bag-of-words sums): its nonzeros take less, and are exact
             return self._share(h, t, saved, R.SPARSE, (), lambda: sparse, _unpack_sparse)
         if self.config.rp_ratio is not None and self.config.rp_ratio < 1 and t.dim() >= 2 and form.linear:
@@ -449,7 +450,6 @@ class HookEngine:
             r = EF.projected_width(d, self.config.rp_ratio)
             if r < d:
                 return self._share(h, t, saved, R.PROJECTED, (r,), lambda: self._project(t, r), _unproject)
-        block = self._block_size(t, form)
         return self._share(h, t, saved, R.QUANTIZED, (form.normal_like, block),
                            lambda: self._quantize(t, form.normal_like, block), _dequantize)
 
@@ -486,10 +486,6 @@ class HookEngine:
         if EF.row_blocks_pay(t, self.config.bits, self.config.block_size):
             return t.shape[-1]
         return self.config.block_size
-
-    def _quantized_nbytes(self, t: torch.Tensor, form: rules.Quantize) -> int:
-        block = form.block_size or self.config.block_size_for(t.shape)
-        return (t.numel() * self.config.bits + 7) // 8 + -(-t.numel() // block) * 4
 
     # -- exactq's own compute ops (exactq.compute) ---------------------------------------------------
     def stash(self, t: torch.Tensor, op: str) -> _Packed:
