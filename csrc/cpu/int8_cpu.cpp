@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -30,56 +29,30 @@ namespace {
 constexpr int64_t kGrainElements = 1 << 15;
 constexpr int64_t kPrefetch = 8;  // edges ahead
 
-template <typename T>
-inline float to_float(T v) {
-  return static_cast<float>(v);
-}
+// ---- quantize (float32 input; bfloat16 is widened once by the caller) ----------------------------
 
-// ---- quantize ------------------------------------------------------------------------------------
-
-template <typename T>
-__attribute__((always_inline)) inline void column_absmax_body(const T* x, int64_t r0, int64_t r1, int64_t C,
-                                                              uint32_t* m) {
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void column_absmax(const float* x, int64_t r0,
+                                                                                  int64_t r1, int64_t C, uint32_t* m) {
   for (int64_t i = r0; i < r1; ++i) {
-    const T* xr = x + i * C;
+    const float* xr = x + i * C;
     for (int64_t c = 0; c < C; ++c) {
-      const uint32_t b = abs_bits(to_float(xr[c]));
+      const uint32_t b = abs_bits(xr[c]);
       m[c] = b > m[c] ? b : m[c];
     }
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void column_absmax_f32(const float* x, int64_t r0,
-                                                                                      int64_t r1, int64_t C,
-                                                                                      uint32_t* m) {
-  column_absmax_body(x, r0, r1, C, m);
-}
-
-inline void column_absmax(const float* x, int64_t r0, int64_t r1, int64_t C, uint32_t* m) {
-  column_absmax_f32(x, r0, r1, C, m);
-}
-
-template <typename T>
-__attribute__((always_inline)) inline void row_scales_body(const T* x, int64_t r0, int64_t r1, int64_t C,
-                                                           float* scale) {
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void row_scales(const float* x, int64_t r0,
+                                                                               int64_t r1, int64_t C, float* scale) {
   for (int64_t i = r0; i < r1; ++i) {
-    const T* xr = x + i * C;
+    const float* xr = x + i * C;
     uint32_t m = 0;
     for (int64_t c = 0; c < C; ++c) {
-      const uint32_t b = abs_bits(to_float(xr[c]));
+      const uint32_t b = abs_bits(xr[c]);
       m = b > m ? b : m;
     }
     scale[i] = int8_scale(m);
   }
-}
-
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void row_scales_f32(const float* x, int64_t r0,
-                                                                                   int64_t r1, int64_t C, float* s) {
-  row_scales_body(x, r0, r1, C, s);
-}
-
-inline void row_scales(const float* x, int64_t r0, int64_t r1, int64_t C, float* s) {
-  row_scales_f32(x, r0, r1, C, s);
 }
 
 #if defined(__x86_64__)
@@ -117,20 +90,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t stochastic_codes_av
 // Codes of rows [r0, r1), with one scale per column (scale[c]) or per row (scale[i]). The uniform draw of
 // element i * C + c needs the upper 32 index bits only once per row (unless the row straddles a multiple
 // of 2^32), so the inner loop is 32-bit integer and float work that vectorises.
-template <typename T, bool STOCHASTIC>
-__attribute__((always_inline)) inline void codes_body(const T* x, int64_t r0, int64_t r1, int64_t C,
+template <bool STOCHASTIC>
+__attribute__((always_inline)) inline void codes_body(const float* x, int64_t r0, int64_t r1, int64_t C,
                                                       const float* scale, bool per_row, RngKeys keys,
                                                       int8_t* q) {
   std::vector<float> draws(STOCHASTIC ? C : 0);
   float* __restrict u = draws.data();
   for (int64_t i = r0; i < r1; ++i) {
-    const T* __restrict xr = x + i * C;
+    const float* __restrict xr = x + i * C;
     int8_t* __restrict qr = q + i * C;
     const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(C);
     const bool straddles = C > 0 && (base >> 32) != ((base + static_cast<uint64_t>(C) - 1) >> 32);
     if (STOCHASTIC && straddles) {
       for (int64_t c = 0; c < C; ++c)
-        qr[c] = int8_code(to_float(xr[c]), per_row ? scale[i] : scale[c], true, uniform_at(keys, base + c));
+        qr[c] = int8_code(xr[c], per_row ? scale[i] : scale[c], true, uniform_at(keys, base + c));
       continue;
     }
     const uint32_t key_hi = span_key(keys, base >> 32);
@@ -144,37 +117,31 @@ __attribute__((always_inline)) inline void codes_body(const T* x, int64_t r0, in
     }
     int64_t c0 = 0;
 #if defined(__x86_64__)
-    if constexpr (STOCHASTIC && std::is_same_v<T, float>) {
+    if constexpr (STOCHASTIC) {
       if (C >= 16 && has_avx512()) c0 = stochastic_codes_avx512(xr, per_row ? nullptr : scale, scale[per_row ? i : 0], u, C, qr);
     }
 #endif
     if (per_row) {
       const float s = scale[i];
-      for (int64_t c = c0; c < C; ++c) qr[c] = int8_code(to_float(xr[c]), s, STOCHASTIC, STOCHASTIC ? u[c] : 0.0f);
+      for (int64_t c = c0; c < C; ++c) qr[c] = int8_code(xr[c], s, STOCHASTIC, STOCHASTIC ? u[c] : 0.0f);
     } else {
       for (int64_t c = c0; c < C; ++c)
-        qr[c] = int8_code(to_float(xr[c]), scale[c], STOCHASTIC, STOCHASTIC ? u[c] : 0.0f);
+        qr[c] = int8_code(xr[c], scale[c], STOCHASTIC, STOCHASTIC ? u[c] : 0.0f);
     }
   }
 }
 
-#define EXACTQ_CODES_CLONE(NAME, T, STOCH)                                                                  \
-  __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void NAME(                                 \
-      const T* x, int64_t r0, int64_t r1, int64_t C, const float* scale, bool per_row, RngKeys keys,       \
-      int8_t* q) {                                                                                          \
-    codes_body<T, STOCH>(x, r0, r1, C, scale, per_row, keys, q);                                            \
-  }
-EXACTQ_CODES_CLONE(codes_f32_nearest, float, false)
-EXACTQ_CODES_CLONE(codes_f32_stochastic, float, true)
-#undef EXACTQ_CODES_CLONE
-
-inline void codes(const float* x, int64_t r0, int64_t r1, int64_t C, const float* s, bool per_row, bool stoch,
-                  RngKeys k, int8_t* q) {
-  stoch ? codes_f32_stochastic(x, r0, r1, C, s, per_row, k, q) : codes_f32_nearest(x, r0, r1, C, s, per_row, k, q);
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void codes_nearest(
+    const float* x, int64_t r0, int64_t r1, int64_t C, const float* scale, bool per_row, RngKeys keys, int8_t* q) {
+  codes_body<false>(x, r0, r1, C, scale, per_row, keys, q);
 }
 
-template <typename T>
-void int8_quantize_impl(const T* xp, int64_t N, int64_t C, int64_t dim, bool stoch, RngKeys keys, float* sp,
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void codes_stochastic(
+    const float* x, int64_t r0, int64_t r1, int64_t C, const float* scale, bool per_row, RngKeys keys, int8_t* q) {
+  codes_body<true>(x, r0, r1, C, scale, per_row, keys, q);
+}
+
+void int8_quantize_impl(const float* xp, int64_t N, int64_t C, int64_t dim, bool stoch, RngKeys keys, float* sp,
                         int8_t* qp) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1));
   if (dim == 0) {
@@ -192,7 +159,9 @@ void int8_quantize_impl(const T* xp, int64_t N, int64_t C, int64_t dim, bool sto
   } else {
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { row_scales(xp, r0, r1, C, sp); });
   }
-  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { codes(xp, r0, r1, C, sp, dim == 1, stoch, keys, qp); });
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+    (stoch ? codes_stochastic : codes_nearest)(xp, r0, r1, C, sp, dim == 1, keys, qp);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& x_in, int64_t dim,
