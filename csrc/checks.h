@@ -100,6 +100,28 @@ inline void check_int8_spmm_inputs(const at::Tensor& crow, const at::Tensor& col
               "exactq: crow, col, q and scale must be on one device");
 }
 
+inline void check_int8_sddmm_inputs(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& a,
+                                    const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale) {
+  TORCH_CHECK(crow.dim() == 1 && crow.numel() >= 1 && crow.scalar_type() == at::kLong && crow.is_contiguous(),
+              "exactq: crow must be a contiguous 1-D int64 tensor of rows + 1 offsets");
+  TORCH_CHECK(col.dim() == 1 && col.scalar_type() == at::kLong && col.is_contiguous(),
+              "exactq: col must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kChar && a.is_contiguous() && a.size(0) == crow.numel() - 1,
+              "exactq: a must be a contiguous 2-D int8 tensor with crow.numel() - 1 = ", crow.numel() - 1, " rows");
+  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kChar && b.is_contiguous() && b.size(1) == a.size(1),
+              "exactq: b must be a contiguous 2-D int8 tensor with a's ", a.size(1), " columns");
+  TORCH_CHECK(a_scale.dim() == 2 && a_scale.size(0) == a.size(0) && a_scale.size(1) >= 1 &&
+                  a.size(1) % a_scale.size(1) == 0 && a_scale.scalar_type() == at::kFloat && a_scale.is_contiguous(),
+              "exactq: a_scale must be a contiguous float32 [a.size(0), heads] tensor, heads dividing a.size(1) = ",
+              a.size(1));
+  TORCH_CHECK(b_scale.dim() == 2 && b_scale.size(0) == b.size(0) && b_scale.size(1) == a_scale.size(1) &&
+                  b_scale.scalar_type() == at::kFloat && b_scale.is_contiguous(),
+              "exactq: b_scale must be a contiguous float32 [b.size(0), heads] tensor");
+  TORCH_CHECK(crow.device() == a.device() && col.device() == a.device() && b.device() == a.device() &&
+                  a_scale.device() == a.device() && b_scale.device() == a.device(),
+              "exactq: crow, col, a, b and their scales must be on one device");
+}
+
 inline void check_int8_gemm_epilogue_inputs(const at::Tensor& acc, const at::Tensor& row_scale,
                                             const at::Tensor& col_scale, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt, "exactq: acc must be a 2-D int32 tensor, got ",

@@ -35,6 +35,9 @@ _SCHEMAS = {
     "int8_quantize": "int8_quantize(Tensor x, int dim, int? seed=None) -> (Tensor, Tensor)",
     # out = row_scale * (A @ (q * scale)) for the CSR matrix A = (crow, col, weight or ones).
     "int8_spmm": "int8_spmm(Tensor crow, Tensor col, Tensor? weight, Tensor q, Tensor scale, Tensor? row_scale) -> Tensor",
+    # out[e, h] = a_scale[i, h] * b_scale[j, h] * (a[i, head h] . b[j, head h]) for each entry e = (i, j) of the
+    # CSR pattern (crow, col), heads = a_scale.size(1) equal column groups; dot products exact in int32.
+    "int8_sddmm": "int8_sddmm(Tensor crow, Tensor col, Tensor a, Tensor a_scale, Tensor b, Tensor b_scale) -> Tensor",
     # The epilogue of an int8 GEMM (torch._int_mm's int32 result): acc * row_scale * col_scale + bias, in float32.
     "int8_gemm_epilogue": "int8_gemm_epilogue(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor",
     # Dropout whose mask is a function of (seed, element index): x * (u >= p ? 1 / (1 - p) : 0). Its
@@ -88,6 +91,11 @@ def _int8_spmm_fake(crow, col, weight, q, scale, row_scale):
     return q.new_empty((crow.shape[0] - 1, q.shape[1]), dtype=torch.float32)
 
 
+@torch.library.register_fake("exactq::int8_sddmm", lib=_LIB)
+def _int8_sddmm_fake(crow, col, a, a_scale, b, b_scale):
+    return a.new_empty((col.shape[0], a_scale.shape[1]), dtype=torch.float32)
+
+
 @torch.library.register_fake("exactq::int8_gemm_epilogue", lib=_LIB)
 def _int8_gemm_epilogue_fake(acc, row_scale, col_scale, bias):
     return acc.new_empty(acc.shape, dtype=torch.float32)
@@ -125,5 +133,6 @@ unpack_mask = torch.ops.exactq.unpack_mask.default
 unpack_mask_into = torch.ops.exactq.unpack_mask_into.default
 int8_quantize = torch.ops.exactq.int8_quantize.default
 int8_spmm = torch.ops.exactq.int8_spmm.default
+int8_sddmm = torch.ops.exactq.int8_sddmm.default
 int8_gemm_epilogue = torch.ops.exactq.int8_gemm_epilogue.default
 seeded_dropout = torch.ops.exactq.seeded_dropout.default

@@ -275,6 +275,27 @@ def int8_spmm(crow: torch.Tensor, col: torch.Tensor, weight: Optional[torch.Tens
     return out * row_scale.unsqueeze(1) if row_scale is not None else out * torch.tensor(1.0)
 
 
+def int8_sddmm(crow: torch.Tensor, col: torch.Tensor, a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+               b_scale: torch.Tensor) -> torch.Tensor:
+    """Reference of ``exactq::int8_sddmm``: for each entry ``e = (i, j)`` of the CSR pattern and head ``h``
+    (``a_scale.size(1)`` equal groups of columns), ``(float(a[i, h] . b[j, h]) * a_scale[i, h]) * b_scale[j, h]``
+    with the dot product of int8 codes summed exactly in int32; ``[nnz, heads]`` float32."""
+    m, n, heads = crow.numel() - 1, b.shape[0], a_scale.shape[1]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or a.shape[0] != m or a.shape[1] % heads \
+            or a_scale.shape != (m, heads) or b_scale.shape != (n, heads):
+        raise ValueError("int8_sddmm needs a [rows, C], b [n, C], a_scale [rows, heads], b_scale [n, heads], "
+                         "heads dividing C")
+    deg = crow[1:] - crow[:-1]
+    if (crow[0] != 0 or crow[-1] != col.numel() or bool((deg < 0).any())
+            or bool(((col < 0) | (col >= n)).any())):
+        raise ValueError(f"malformed CSR: crow must be non-decreasing from 0 to col.numel() and every col index in "
+                         f"[0, {n}) (b.size(0))")
+    rows = torch.repeat_interleave(torch.arange(m, device=a.device), deg)
+    prod = a[rows].to(torch.int32) * b[col].to(torch.int32)
+    acc = prod.view(col.numel(), heads, -1).sum(-1, dtype=torch.int32).float()
+    return (acc * a_scale[rows]) * b_scale[col]
+
+
 def int8_gemm_epilogue(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
                        bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Reference of ``exactq::int8_gemm_epilogue``: ``(float(acc) * row_scale[i]) * col_scale[j]`` (+ ``bias[j]``)

@@ -1,8 +1,10 @@
 """Accuracy with compute="int8" (int8 products, INT2 storage) vs fp32, at equal epochs.
 
     python experiments/accuracy_compute.py [--quick] [--seeds 10] [--arxiv-seeds 5] [--graphs planetoid arxiv]
+                                           [--models gcn sage gin]
 
-Cora and CiteSeer (../shared/datasets): GCN, GraphSAGE and GIN 2 x 64, dropout 0.5, 100 epochs. The
+Cora and CiteSeer (../shared/datasets): GCN, GraphSAGE and GIN (or the --models given; also GAT) 2 x 64,
+dropout 0.5, 100 epochs. The
 arxiv-scale learnable synthetic graph (169,343 nodes, 128 features, 2.3 M edges, 40 classes, signal 1.0):
 the same models 3 x 128 with batch norm, 12 epochs. Every run aggregates over a torch.sparse CSR adjacency
 (the path int8 serves); fp32 and int8 runs of a seed start from the same weights. Test accuracy at the best
@@ -26,10 +28,10 @@ MODELS = ("gcn", "sage", "gin")
 INT8 = exactq.Config(bits=2, compute="int8")
 
 
-def rows_for(graph, data, layers, hidden, norm, seeds, epochs):
+def rows_for(graph, data, models, layers, hidden, norm, seeds, epochs):
     rows = []
     classes = int(data.y.max()) + 1
-    for name in MODELS:
+    for name in models:
         acc = {}
         for label, cfg in (("fp32", None), ("int8 + INT2", INT8)):
             runs = []
@@ -76,6 +78,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--arxiv-epochs", type=int, default=12)
     p.add_argument("--graphs", nargs="+", choices=["planetoid", "arxiv"], default=["planetoid", "arxiv"])
+    p.add_argument("--models", nargs="+", choices=list(MODELS) + ["gat"], default=list(MODELS))
     args = p.parse_args(argv)
     apply_threads(args)
     rows = []
@@ -83,14 +86,15 @@ def main(argv=None):
         if "planetoid" in args.graphs:
             for graph in ("Cora",) if args.quick else ("Cora", "CiteSeer"):
                 data = with_sparse_adjacency(load_planetoid(graph))
-                rows += rows_for(graph, data, 2, 64, None, 2 if args.quick else args.seeds,
+                rows += rows_for(graph, data, args.models, 2, 64, None, 2 if args.quick else args.seeds,
                                  5 if args.quick else args.epochs)
         if "arxiv" in args.graphs:
             data = with_sparse_adjacency(paper_graph("ogbn-arxiv", scale=0.02 if args.quick else 1.0, signal=1.0))
-            rows += rows_for("arxiv-shaped synthetic", data, 3, 128, "batch_norm", 2 if args.quick else args.arxiv_seeds,
+            rows += rows_for("arxiv-shaped synthetic", data, args.models, 3, 128, "batch_norm", 2 if args.quick else args.arxiv_seeds,
                              3 if args.quick else args.arxiv_epochs)
     stem = "accuracy_compute" + ("_quick" if args.quick else "") + (
-        "" if set(args.graphs) == {"planetoid", "arxiv"} else "_" + "_".join(args.graphs))
+        "" if set(args.graphs) == {"planetoid", "arxiv"} else "_" + "_".join(args.graphs)) + (
+        "" if args.models == list(MODELS) else "_" + "_".join(args.models))
     md = write_results(args.out, stem, rows, "Test accuracy (%) at the best validation epoch, mean over seeds; gap = "
                        "mean per-seed difference (int8 + INT2 minus fp32) with its standard error.", command_line(),
                        timer.seconds)

@@ -4,17 +4,22 @@ measured side by side in one process.
     python experiments/bench_compute.py [--quick] [--epochs 5] [--models sage gcn] [--hidden 256]
 
 * kernels: int8 CSR SpMM (``exactq::int8_spmm``, sums of codes in int32; with edge weights, float32)
-  vs fp32 ``torch.sparse.mm`` on the same CSR; the fused int8 quantize vs ``clone``; seeded dropout vs
+  vs fp32 ``torch.sparse.mm`` on the same CSR; the int8 SDDMM (``exactq::int8_sddmm``, GAT's attention
+  gradient) vs fp32 gather + multiply + sum; the fused int8 quantize vs ``clone``; seeded dropout vs
   torch's; dense GEMM fp32 vs bf16 vs int8 (``torch._int_mm``, with and without exactq's quantize +
   epilogue).
-* epochs: GraphSAGE and GCN 3 x hidden with batch norm and dropout 0.5 on an ogbn-arxiv-shaped graph,
-  configurations interleaved one epoch (forward + backward + Adam) at a time, median after warm-up:
-  PyG fp32 with ``edge_index``, fp32 with a CSR adjacency (PyG's fastest fp32 path), bf16 autocast
-  (with ``edge_index``: torch.sparse.mm has no bf16 CSR kernel), exactq INT2 storage, and
-  compute="int8" with INT2 and INT8 storage.
-* memory: live bytes after one training forward minus its output (exactq.LiveTensorMemory), fp32 CSR vs
-  compute="int8" + INT2, after a warm-up forward built the graph's cached transpose (graph memory).
-* profile: torch.profiler self CPU time per op of one compute="int8" + INT2 epoch.
+* epochs: each model (GraphSAGE and GCN by default; GIN, GAT) 3 x hidden with batch norm and dropout 0.5
+  on an ogbn-arxiv-shaped graph, configurations interleaved one epoch (forward + backward + Adam) at a
+  time, median after warm-up: PyG fp32 with ``edge_index``, fp32 with a CSR adjacency (PyG's fastest fp32
+  path), bf16 autocast (with ``edge_index``: torch.sparse.mm has no bf16 CSR kernel), exactq INT2
+  storage, and compute="int8" with INT2 and INT8 storage on the CSR and INT2 on the ``edge_index``.
+* memory: live bytes after one training forward minus its output (exactq.LiveTensorMemory), fp32 vs
+  compute="int8" + INT2, on the CSR and on the ``edge_index``, after a warm-up forward built the
+  graph's cached CSR and transpose (graph memory); the first model.
+* profile: torch.profiler self CPU time per op of one compute="int8" + INT2 epoch of the first model.
+
+Results go to results/bench_compute_{kernels,epochs,memory,profile}.md, with the models in the name
+when they are not the default pair.
 """
 from __future__ import annotations
 
@@ -74,6 +79,16 @@ def kernel_rows(data, widths, repeat):
         seeded = _best_ms(lambda: _ops.seeded_dropout(x, 0.5, 1), repeat)
         rows.append({"kernel": f"dropout p=0.5, {n}x{c}", "baseline": "torch F.dropout", "baseline_ms": torch_drop,
                      "exactq_ms": seeded, "speedup": torch_drop / seeded})
+        heads = 2  # GAT's attention gradient: <g_i, x_j> per edge and head
+        g = torch.randn(n, c)
+        rows_of = torch.repeat_interleave(torch.arange(n), crow.diff())
+        qg, sg = _ops.int8_quantize(g.view(n * heads, -1), 1)
+        qx, sx = _ops.int8_quantize(x.view(n * heads, -1), 1)
+        qg, sg, qx, sx = qg.view(n, c), sg.view(n, heads), qx.view(n, c), sx.view(n, heads)
+        fp32_sddmm = _best_ms(lambda: (g[rows_of] * x[col]).view(-1, heads, c // heads).sum(-1), repeat)
+        int8_sddmm = _best_ms(lambda: _ops.int8_sddmm(crow, col, qg, sg, qx, sx), repeat)
+        rows.append({"kernel": f"SDDMM {heads} heads x {c // heads}", "baseline": "fp32 gather + multiply + sum",
+                     "baseline_ms": fp32_sddmm, "exactq_ms": int8_sddmm, "speedup": fp32_sddmm / int8_sddmm})
         w = torch.randn(c, c)
         xb, wb = x.bfloat16(), w.bfloat16()
         qx, sx = _ops.int8_quantize(x, 1)
@@ -98,8 +113,10 @@ def _configs():
         # torch.sparse.mm has no bf16 CSR kernel (nor a bf16 x with a float CSR): bf16 runs edge_index.
         "bf16 autocast edge_index": ("edge_index", None, torch.bfloat16),
         "INT2 storage CSR": ("adj_t", exactq.Config(bits=2), None),
-        "int8 compute + INT2": ("adj_t", exactq.Config(bits=2, compute="int8"), None),
-        "int8 compute + INT8": ("adj_t", exactq.Config(bits=8, compute="int8"), None),
+        "int8 compute + INT2 CSR": ("adj_t", exactq.Config(bits=2, compute="int8"), None),
+        "int8 compute + INT8 CSR": ("adj_t", exactq.Config(bits=8, compute="int8"), None),
+        # the unchanged model on its edge_index: exactq aggregates on the graph's cached CSR
+        "int8 compute + INT2 edge_index": ("edge_index", exactq.Config(bits=2, compute="int8"), None),
     }
 
 
@@ -133,33 +150,38 @@ def epoch_rows(data, models, hidden, epochs, warmup):
         for k in configs:
             rows.append({"model": f"{name} 3x{hidden}", "config": k, "median_epoch_s": med[k],
                          "vs fp32 edge_index": med[k] / med["fp32 edge_index"],
-                         "vs fp32 CSR": med[k] / med["fp32 CSR"], "vs bf16 autocast": med[k] / med["bf16 autocast edge_index"],
+                         "vs fp32 CSR": med[k] / med["fp32 CSR"],
+                         "vs bf16 autocast": med[k] / med["bf16 autocast edge_index"],
                          "epochs_timed": len(times[k])})
             print(rows[-1])
     return rows
 
 
-def memory_row(data, hidden):
+def memory_rows(data, name, hidden):
+    """Per graph form: live bytes after one training forward, fp32 vs compute="int8" + INT2."""
     torch.manual_seed(0)
-    model = build_model("sage", data.num_features, hidden, 40, 3)
-    with exactq.compress(compute="int8"):
-        model(data.x, data.adj_t)  # the graph's cached transpose: made once per graph
-    out_bytes = {}
-    for label, cfg in (("fp32 CSR", None), ("int8 compute + INT2", exactq.Config(bits=2, compute="int8"))):
-        torch.manual_seed(1)
-        with exactq.LiveTensorMemory() as mem:
-            with exactq.compress(cfg) if cfg is not None else contextlib.nullcontext():
-                out = model(data.x, data.adj_t)
-            out_bytes[label] = mem.live_bytes() - out.untyped_storage().nbytes()
-        del out
-    return {"model": f"sage 3x{hidden}", "fp32 MB": out_bytes["fp32 CSR"] / 2**20,
-            "int8 + INT2 MB": out_bytes["int8 compute + INT2"] / 2**20,
-            "x smaller": out_bytes["fp32 CSR"] / out_bytes["int8 compute + INT2"]}
+    model = build_model(name, data.num_features, hidden, 40, 3)
+    rows = []
+    for graph in ("adj_t", "edge_index"):
+        with exactq.compress(compute="int8"):
+            model(data.x, data[graph])  # the graph's cached CSR and transpose: made once per graph
+        out_bytes = {}
+        for label, cfg in (("fp32", None), ("int8 + INT2", exactq.Config(bits=2, compute="int8"))):
+            torch.manual_seed(1)
+            with exactq.LiveTensorMemory() as mem:
+                with exactq.compress(cfg) if cfg is not None else contextlib.nullcontext():
+                    out = model(data.x, data[graph])
+                out_bytes[label] = mem.live_bytes() - out.untyped_storage().nbytes()
+            del out
+        rows.append({"model": f"{name} 3x{hidden}", "graph": "CSR" if graph == "adj_t" else graph,
+                     "fp32 MB": out_bytes["fp32"] / 2**20, "int8 + INT2 MB": out_bytes["int8 + INT2"] / 2**20,
+                     "x smaller": out_bytes["fp32"] / out_bytes["int8 + INT2"]})
+    return rows
 
 
-def profile_text(data, hidden, top=18) -> str:
+def profile_text(data, name, hidden, top=18) -> str:
     torch.manual_seed(0)
-    model = build_model("sage", data.num_features, hidden, 40, 3)
+    model = build_model(name, data.num_features, hidden, 40, 3)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     cfg = exactq.Config(bits=2, compute="int8")
     _epoch(model, opt, data, "adj_t", cfg, None)
@@ -180,18 +202,18 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--models", nargs="+", default=["sage", "gcn"], choices=["sage", "gcn", "gin"])
+    p.add_argument("--models", nargs="+", default=["sage", "gcn"], choices=["sage", "gcn", "gin", "gat"])
     args = p.parse_args(argv)
     apply_threads(args)
     scale = 0.05 if args.quick else 1.0
     data = with_sparse_adjacency(paper_graph("ogbn-arxiv", scale=scale, signal=0.2))
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + ("" if args.models == ["sage", "gcn"] else "_" + "_".join(args.models))
     with Timer() as timer:
         kernels = kernel_rows(data, [128] if args.quick else [128, 256], 2 if args.quick else 5)
         epochs = epoch_rows(data, args.models, args.hidden, 2 if args.quick else args.epochs,
                             1 if args.quick else args.warmup)
-        memory = [memory_row(data, args.hidden)]
-        profile = profile_text(data, args.hidden)
+        memory = memory_rows(data, args.models[0], args.hidden)
+        profile = profile_text(data, args.models[0], args.hidden)
     cmd = command_line()
     for stem, rows, note in (
             (f"bench_compute_kernels{suffix}", kernels, "Best of repeats (ms); speedup = baseline / exactq."),
@@ -201,7 +223,7 @@ def main(argv=None):
             (f"bench_compute_memory{suffix}", memory,
              "Live bytes after one training forward minus its output (MB), after a warm-up forward.")):
         print(write_results(args.out, stem, rows, note, cmd, timer.seconds).read_text())
-    text = f"# bench_compute_profile{suffix}\n\nOne compute=\"int8\" + INT2 epoch of SAGE 3x{args.hidden}; " \
+    text = f"# bench_compute_profile{suffix}\n\nOne compute=\"int8\" + INT2 epoch of {args.models[0]} 3x{args.hidden}; " \
            f"torch.profiler self CPU time. Command: `{cmd}`\n\n```\n{profile}\n```\n"
     (Path(args.out) / f"bench_compute_profile{suffix}.md").write_text(text)
     print(text)

@@ -1,6 +1,7 @@
-"""Full-batch 3 x 256 GraphSAGE on an ogbn-products-shaped graph: fp32 vs exactq INT2.
+"""Full-batch 3 x 256 GraphSAGE on an ogbn-products-shaped graph: fp32 vs exactq INT2, with float32 or
+int8 compute (``compute="int8"``).
 
-    python experiments/scale_products.py [--quick] [--epochs 8] [--lr 0.003] [--limit-gb 22]
+    python experiments/scale_products.py [--quick] [--epochs 8] [--lr 0.003] [--limit-gb 22] [--modes ...]
 
 Graph: 2,449,029 nodes, 100 features, 61,859,140 directed edges, 47 classes (learnable CSBM), sparse
 adjacency aggregation. Each mode runs in its own process under an address-space limit (--limit-gb,
@@ -24,6 +25,15 @@ import torch.nn.functional as F
 from common import apply_threads, Timer, command_line, paper_graph, parser, write_results
 
 
+def _modes():
+    import exactq
+
+    return {"exactq": exactq.Config(bits=2), "exactq-int8": exactq.Config(bits=2, compute="int8"), "fp32": None}
+
+
+MODES = _modes()
+
+
 def worker(mode: str, scale: float, epochs: int, lr: float) -> dict:
     import exactq
     from exactq.memory import peak_rss_bytes
@@ -36,7 +46,7 @@ def worker(mode: str, scale: float, epochs: int, lr: float) -> dict:
     torch.manual_seed(0)
     model = build_model("sage", data.num_features, 256, 47, 3)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    cfg = exactq.Config(bits=2) if mode == "exactq" else None
+    cfg = MODES[mode]
     try:
         for _ in range(epochs):
             t = time.perf_counter()
@@ -69,7 +79,8 @@ def main(argv=None):
     # Adam at 0.01 spikes in the first epochs on this graph (4.04, 4.79, 4.17 ...); 0.003 descends steadily.
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--limit-gb", type=float, default=22.0)
-    p.add_argument("--worker", choices=["fp32", "exactq"], help=argparse_suppress())
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--worker", choices=list(MODES), help=argparse_suppress())
     p.add_argument("--scale", type=float, default=None, help=argparse_suppress())
     args = p.parse_args(argv)
     apply_threads(args)
@@ -81,7 +92,7 @@ def main(argv=None):
         return
     rows = []
     with Timer() as timer:
-        for mode in ("exactq", "fp32"):
+        for mode in args.modes:
             cmd = [sys.executable, __file__, "--worker", mode, "--scale", str(scale), "--epochs", str(args.epochs), "--lr", str(args.lr),
                    "--limit-gb", str(args.limit_gb)] + (["--threads", str(args.threads)] if args.threads else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)

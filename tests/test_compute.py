@@ -90,6 +90,31 @@ def test_int8_spmm_int32_sums_are_exact(device):
     assert out.cpu().tolist() == [[127.0 * n] * 3]
 
 
+@pytest.mark.parametrize("heads, C", [(1, 1), (1, 64), (3, 7), (4, 40)])
+def test_int8_sddmm_equals_reference(device, heads, C):
+    a = _csr(50, 40, 300, weighted=False)  # rows without entries included
+    g = torch.Generator().manual_seed(3)
+    qa = torch.randint(-127, 128, (50, heads * C), dtype=torch.int8, generator=g)
+    qb = torch.randint(-127, 128, (40, heads * C), dtype=torch.int8, generator=g)
+    sa, sb = torch.rand(50, heads, generator=g), torch.rand(40, heads, generator=g)
+    args = (a.crow_indices(), a.col_indices(), qa, sa, qb, sb)
+    out = _ops.int8_sddmm(*(t.to(device) for t in args))
+    ref = reference.int8_sddmm(*args)
+    assert torch.equal(out.cpu(), ref)
+    rows = torch.repeat_interleave(torch.arange(50), a.crow_indices().diff())
+    dense = (qa.double().view(50, heads, C)[rows] * qb.double().view(40, heads, C)[a.col_indices()]).sum(-1)
+    torch.testing.assert_close(ref.double(), dense * sa[rows].double() * sb[a.col_indices()].double(), rtol=1e-6, atol=0)
+
+
+def test_int8_sddmm_int32_dot_products_are_exact(device):
+    c = 50_000  # 127 * 127 * 50,000 = 806,450,000 < 2^31: exact in int32, rounded once to float32 at the end
+    # (a float32 running sum drifts from that once it passes 2^24)
+    q = torch.full((1, c), 127, dtype=torch.int8)
+    out = _ops.int8_sddmm(torch.tensor([0, 1], device=device), torch.tensor([0], device=device), q.to(device),
+                          torch.ones(1, 1, device=device), q.to(device), torch.ones(1, 1, device=device))
+    assert out.item() == torch.tensor(127 * 127 * c, dtype=torch.float32).item()
+
+
 def test_int8_gemm_epilogue_equals_reference(device):
     acc = torch.randint(-(2**20), 2**20, (33, 17), dtype=torch.int32)
     rs, cs, b = torch.rand(33), torch.rand(17), torch.randn(17)
@@ -111,6 +136,8 @@ def test_opcheck(device):
         (_ops.int8_spmm, (crow, col, w, q, s, None)),
         (_ops.int8_spmm, (crow, col, None, q, s, torch.rand(20, device=device))),
         (_ops.int8_gemm_epilogue, (acc, torch.rand(6, device=device), torch.rand(4, device=device), None)),
+        (_ops.int8_sddmm, (crow, torch.clamp(col, max=14), _ops.int8_quantize(torch.randn(20, 8, device=device), 1)[0],
+                           torch.rand(20, 2, device=device), q, torch.rand(15, 2, device=device))),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -130,6 +157,12 @@ def test_opcheck(device):
                             torch.ones(2), None), "weight must be"),
     (lambda: _ops.int8_gemm_epilogue(torch.zeros(2, 3, dtype=torch.int32), torch.ones(3), torch.ones(3), None),
      "row_scale must be"),
+    (lambda: _ops.int8_sddmm(torch.tensor([0, 1]), torch.tensor([3]), torch.zeros(1, 4, dtype=torch.int8),
+                             torch.ones(1, 2), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3, 2)), "every col index"),
+    (lambda: _ops.int8_sddmm(torch.tensor([0, 1]), torch.tensor([0]), torch.zeros(1, 4, dtype=torch.int8),
+                             torch.ones(1, 3), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3, 3)), "heads dividing"),
+    (lambda: _ops.int8_sddmm(torch.tensor([0, 1]), torch.tensor([0]), torch.zeros(1, 4, dtype=torch.int8),
+                             torch.ones(1, 2), torch.zeros(3, 6, dtype=torch.int8), torch.ones(3, 2)), "b must be"),
 ])
 def test_kernels_reject_bad_input(call, match):
     with pytest.raises(RuntimeError, match=match):
@@ -182,6 +215,52 @@ def test_spmm_backward_with_nonfinite_gradient_is_fp32():
     (got,) = torch.autograd.grad(CF.spmm(a, x), x, g)
     (want,) = torch.autograd.grad(torch.sparse.mm(a, x), x, g)
     torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-6)
+
+
+def _attention_case(heads=3, c=16, seed=4):
+    from exactq.compute.structure import build
+
+    a = _csr(200, 150, 2000, seed=seed)
+    s = build(a.crow_indices(), a.col_indices(), 150)
+    x = torch.randn(150, heads, c, requires_grad=True)
+    values = (torch.rand(a.col_indices().numel(), heads) + 0.1).requires_grad_()
+    return s, x, values
+
+
+def _attention_fp32(s, values, x):
+    rows = torch.repeat_interleave(torch.arange(s.rows), s.crow.diff())
+    msg = values.unsqueeze(-1) * x[s.col]
+    return torch.zeros(s.rows, *x.shape[1:]).index_add_(0, rows, msg)
+
+
+def test_attention_spmm_close_to_fp32_and_gradients_unbiased():
+    s, x, values = _attention_case()
+    ref = _attention_fp32(s, values, x)
+    g = torch.randn_like(ref)
+    gx_ref, gv_ref = torch.autograd.grad(ref, (x, values), g)
+    assert _rel(CF.attention_spmm(s, values, x), ref) < 0.01
+    draws = [torch.autograd.grad(CF.attention_spmm(s, values, x), (x, values), g) for _ in range(200)]
+    for k, want in enumerate((gx_ref, gv_ref)):
+        got = torch.stack([d[k] for d in draws])
+        assert _rel(got[0], want) < 0.05
+        assert _rel(got.mean(0), want) < _rel(got[0], want) / 5  # unbiased: the error averages out
+
+
+def test_attention_spmm_falls_back_exactly_on_nonfinite_values():
+    s, x, values = _attention_case(heads=2, c=4)
+    notes = []
+    hooks = CF.Hooks(lambda t, n: CF._Kept(t), lambda t, n, r: CF._Kept(t), lambda: 1,
+                     lambda op, path: notes.append((op, path)))
+    bad = x.detach().clone()
+    bad[3, 1, 2] = float("nan")
+    assert CF.attention_spmm(s, values, bad, hooks) is None and notes[-1][1] == "fp32: operand holds NaN/Inf"
+    g = torch.randn(s.rows, 2, 4)
+    g[0, 0, 0] = float("inf")
+    got = torch.autograd.grad(CF.attention_spmm(s, values, x, hooks), (x, values), g)
+    want = torch.autograd.grad(_attention_fp32(s, values, x), (x, values), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5)
+    assert ("attention spmm backward (weights)", "fp32: operand holds NaN/Inf") in notes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -276,8 +355,9 @@ def _models(f, c):
     }
 
 
+@pytest.mark.parametrize("graph", ["adj_t", "edge_index"])
 @pytest.mark.parametrize("name", ["GCN", "GraphSAGE", "GIN", "GraphConv"])
-def test_session_runs_pyg_models_in_int8(name):
+def test_session_runs_pyg_models_in_int8(name, graph):
     data = _planetoid_like()
     torch.manual_seed(0)
     model = _models(data.num_features, 4)[name]()
@@ -286,7 +366,7 @@ def test_session_runs_pyg_models_in_int8(name):
         model.zero_grad()
         torch.manual_seed(1)
         with exactq.compress(cfg) as session:
-            out = model(data.x, data.adj_t)
+            out = model(data.x, data[graph])
         F.cross_entropy(out, data.y).backward()
         return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]), session.report()
 
@@ -297,6 +377,55 @@ def test_session_runs_pyg_models_in_int8(name):
     assert report.compute.get("spmm: int8", 0) >= 2 and report.compute.get("linear: int8", 0) >= 2
     assert report.compute.get("spmm backward: int8", 0) >= 1
     assert not [k for k in report.compute if "fp32" in k], report.compute
+    if graph == "edge_index":
+        assert report.compute["edge_index aggregation: sparse product on the cached CSR"] >= 2
+
+
+@pytest.mark.parametrize("graph", ["edge_index", "adj_t"])
+@pytest.mark.parametrize("name", ["GAT", "GATv2Conv"])
+def test_attention_layers_run_in_int8(name, graph):
+    from torch_geometric.nn import GAT, GATv2Conv
+
+    data = _planetoid_like()
+    torch.manual_seed(0)
+    model = GAT(data.num_features, 16, 2, 4, heads=4) if name == "GAT" else GATv2Conv(data.num_features, 8, heads=2)
+
+    def grads(cfg):
+        model.zero_grad()
+        with exactq.compress(cfg) as session:
+            out = model(data.x, data[graph])
+        F.cross_entropy(out, data.y).backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]), session.report()
+
+    model.eval()  # attention dropout off: the same function in both runs
+    out0, g0, _ = grads(exactq.Config(min_numel=2**62, seed=0))
+    out, g, report = grads(exactq.Config(bits=8, compute="int8", seed=0))
+    assert _rel(out, out0) < 0.03 and _rel(g, g0) < 0.1
+    layers = 2 if name == "GAT" else 1
+    kind = "edge_index" if graph == "edge_index" else "sparse"
+    assert report.compute[f"{kind} aggregation: attention product on the cached CSR"] == layers
+    assert report.compute["attention spmm backward (weights): int8 SDDMM"] == layers
+    assert not [k for k in report.compute if "fp32" in k], report.compute
+    assert not [m for m in model.modules() if "propagate" in m.__dict__]  # the stand-in left with the session
+
+
+def test_attention_in_int8_stores_no_per_edge_messages():
+    from exactq.data import synthetic_graph
+    from torch_geometric.nn import GAT
+
+    data = synthetic_graph(5_000, 64, 100_000, 8, signal=1.0, seed=0)
+    torch.manual_seed(0)
+    model = GAT(64, 64, 2, 8, heads=4)
+    reports = {}
+    for label, cfg in (("INT2", exactq.Config(bits=2)), ("int8+INT2", exactq.Config(bits=2, compute="int8"))):
+        with exactq.compress(cfg) as session:
+            out = model(data.x, data.edge_index)
+        out.sum().backward()
+        reports[label] = session.report()
+    # PyG saves each edge's gathered [heads, C] message (2/3 of what autograd holds here); the int8 product
+    # saves x once per node instead. Softmax's kept tensors dominate what is left.
+    assert reports["int8+INT2"].original_bytes < 0.5 * reports["INT2"].original_bytes
+    assert reports["int8+INT2"].stored_bytes < reports["INT2"].stored_bytes
 
 
 def test_int8_compute_with_int2_storage_saves_memory():
@@ -334,16 +463,112 @@ def test_wrap_and_decorator_accept_compute():
     assert step.exactq_session.last.config.compute == "int8"
 
 
-def test_edge_index_models_run_linear_layers_in_int8_and_aggregate_in_fp32():
-    data = _planetoid_like()
-    from torch_geometric.nn import GraphSAGE
+def _sum_of_messages_layers(f):
+    """One instance of every layer in SUM_OF_MESSAGES and how to call it on (x, edge_index, weight)."""
+    from torch_geometric import nn as G
 
-    model = GraphSAGE(data.num_features, 16, 2, 4)
-    with exactq.compress(compute="int8") as session:
-        out = model(data.x, data.edge_index)
+    lin = lambda: torch.nn.Sequential(torch.nn.Linear(f, f), torch.nn.ReLU())  # noqa: E731
+    plain = lambda conv: (conv, lambda x, e, w: conv(x, e, w))  # noqa: E731
+    unweighted = lambda conv: (conv, lambda x, e, w: conv(x, e))  # noqa: E731
+    return {
+        "GCNConv": plain(G.GCNConv(f, f)), "GraphConv": plain(G.GraphConv(f, f)),
+        "SAGEConv": unweighted(G.SAGEConv(f, f)), "GINConv": unweighted(G.GINConv(lin())),
+        "SGConv": plain(G.SGConv(f, f, K=2)), "SSGConv": plain(G.SSGConv(f, f, alpha=0.1, K=2)),
+        "TAGConv": plain(G.TAGConv(f, f, K=2)), "APPNP": plain(G.APPNP(K=2, alpha=0.1)),
+        "LGConv": plain(G.LGConv()), "GatedGraphConv": plain(G.GatedGraphConv(f, num_layers=2)),
+        "ClusterGCNConv": unweighted(G.ClusterGCNConv(f, f)), "MFConv": unweighted(G.MFConv(f, f)),
+        "SimpleConv": plain(G.SimpleConv(aggr="mean")), "MixHopConv": plain(G.MixHopConv(f, f)),
+        "GCN2Conv": (lambda conv: (conv, lambda x, e, w: conv(x, x, e, w)))(G.GCN2Conv(f, alpha=0.1)),
+    }
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "edge_weight"])
+def test_every_sum_of_messages_layer_aggregates_the_same_on_its_csr(weighted):
+    """The table's claim, layer by layer: PyG's fused path on the CSR exactq builds from edge_index gives
+    PyG's gather/scatter result (float32 both, so equal up to summation order)."""
+    from exactq.compute.aggregation import SUM_OF_MESSAGES, as_sparse
+    from exactq.compute.functional import _plain_hooks
+
+    f, n = 16, 300
+    torch.manual_seed(0)
+    x, e = torch.randn(n, f), torch.randint(0, n, (2, 3000))
+    w = torch.rand(e.shape[1]) + 0.5 if weighted else None
+    layers = _sum_of_messages_layers(f)
+    assert set(layers) == set(SUM_OF_MESSAGES)  # every entry is checked here
+    for name, (conv, call) in layers.items():
+        ref = call(x, e, w)
+        converted = []
+
+        def hook(layer, inputs):
+            res = as_sparse(layer, *inputs, _plain_hooks())
+            converted.append(res is not None)
+            return res
+
+        handle = conv.register_propagate_forward_pre_hook(hook)
+        try:
+            out = call(x, e, w)
+        finally:
+            handle.remove()
+        assert converted and all(converted), name
+        assert _rel(out, ref) < 1e-5, name
+
+
+def test_edge_index_aggregation_keeps_pygs_path_where_it_must():
+    from torch_geometric.nn import GCNConv, SAGEConv, TransformerConv
+
+    class Overridden(SAGEConv):
+        def message(self, x_j):
+            return 2 * x_j
+
+    torch.manual_seed(0)
+    x, e = torch.randn(100, 8), torch.randint(0, 100, (2, 600))
+    learnt = (torch.rand(600) + 0.5).requires_grad_()
+    cases = {
+        "TransformerConv: messages are not a weighted sum of source rows": (TransformerConv(8, 8), ()),
+        "Overridden: messages are not a weighted sum of source rows": (Overridden(8, 8), ()),
+        "aggr='max'": (SAGEConv(8, 8, aggr="max"), ()),
+        "edge weights require a gradient or are not one float per edge": (GCNConv(8, 8, normalize=False), (learnt,)),
+    }
+    for reason, (conv, extra) in cases.items():
+        ref = conv(x, e, *extra)
+        with exactq.compress(compute="int8", min_numel=2**62) as session:
+            out = conv(x, e, *extra)
+        assert session.report().compute == {**session.report().compute,
+                                            f"edge_index aggregation: fp32 gather/scatter: {reason}": 1}, reason
+        assert _rel(out, ref) < 0.03, reason
     out.sum().backward()
-    assert session.report().compute.get("linear: int8", 0) >= 2
-    assert "spmm: int8" not in session.report().compute
+    assert learnt.grad is not None and torch.isfinite(learnt.grad).all()
+
+
+def test_edge_index_csr_follows_the_content_and_hooks_leave_with_the_session():
+    from torch_geometric.nn import GraphConv
+
+    torch.manual_seed(0)
+    conv, x = GraphConv(8, 8), torch.randn(50, 8)
+    e = torch.randint(0, 50, (2, 300))
+    with exactq.compress(compute="int8", min_numel=2**62):
+        first = conv(x, e)
+        e[0] = (e[0] + 1) % 50  # in place: same tensor, new graph
+        second = conv(x, e)
+    assert _rel(first, conv(x, e)) > 0.01 and _rel(second, conv(x, e)) < 0.03
+    assert not conv._propagate_forward_pre_hooks
+    with pytest.raises(IndexError):  # PyG's own error for an index out of range, not exactq's
+        with exactq.compress(compute="int8"):
+            conv(x, torch.tensor([[0, 60], [1, 2]]))
+
+
+def test_bipartite_edge_index_uses_both_node_counts():
+    from torch_geometric.nn import SAGEConv
+
+    torch.manual_seed(0)
+    conv = SAGEConv((8, 6), 5)
+    xs, xd = torch.randn(40, 8), torch.randn(25, 6)
+    e = torch.stack([torch.randint(0, 40, (200,)), torch.randint(0, 25, (200,))])
+    ref = conv((xs, xd), e)
+    with exactq.compress(compute="int8", min_numel=2**62) as session:
+        out = conv((xs, xd), e)
+    assert out.shape == (25, 5) and _rel(out, ref) < 0.03
+    assert session.report().compute["edge_index aggregation: sparse product on the cached CSR"] == 1
 
 
 # ---- seeded dropout ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // CPU kernels of the INT8 compute ops (exactq.compute): symmetric int8 quantization with one float32
-// scale per column or per row, and a CSR sparse x dense product over int8 features. Schemas live in
+// scale per column or per row, a CSR sparse x dense product over int8 features, and its dual, the
+// per-edge dot products of two int8 row sets (SDDMM, an attention weight's gradient). Schemas live in
 // exactq/_ops.py; exactq/reference.py specifies both, and these kernels match it bit for bit.
 //
 // Hot loops are plain C++ compiled once per instruction set (target_clones) and auto-vectorised across
@@ -266,6 +267,62 @@ at::Tensor int8_spmm_cpu(const at::Tensor& crow, const at::Tensor& col, const st
   return out;
 }
 
+// ---- sampled dense x dense (SDDMM) ------------------------------------------------------------------
+
+// Rows [r0, r1): out[e, h] = (float(a[i, h] . b[col[e], h]) * a_scale[i, h]) * b_scale[col[e], h], the dot
+// product over one head's Ch columns summed exactly in int32.
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) bool sddmm_rows(
+    const int64_t* crow, const int64_t* col, const int8_t* a, const float* as, const int8_t* b, const float* bs,
+    int64_t n, int64_t H, int64_t Ch, int64_t nnz, int64_t r0, int64_t r1, float* out) {
+  const int64_t C = H * Ch;
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t e0 = crow[i], e1 = crow[i + 1];
+    if (e0 < 0 || e0 > e1 || e1 > nnz) return false;
+    const int8_t* __restrict ar = a + i * C;
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t j = col[e];
+      if (static_cast<uint64_t>(j) >= static_cast<uint64_t>(n)) return false;
+      if (e + kPrefetch < nnz) {
+        const uint64_t jn = static_cast<uint64_t>(col[e + kPrefetch]);
+        if (jn < static_cast<uint64_t>(n)) {
+          for (int64_t c = 0; c < C; c += 64) __builtin_prefetch(b + jn * C + c);
+        }
+      }
+      const int8_t* __restrict br = b + j * C;
+      for (int64_t h = 0; h < H; ++h) {
+        int32_t acc = 0;
+        for (int64_t c = h * Ch; c < (h + 1) * Ch; ++c) acc += static_cast<int32_t>(ar[c]) * br[c];
+        out[e * H + h] = (static_cast<float>(acc) * as[i * H + h]) * bs[j * H + h];
+      }
+    }
+  }
+  return true;
+}
+
+at::Tensor int8_sddmm_cpu(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& a,
+                          const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale) {
+  check_int8_sddmm_inputs(crow, col, a, a_scale, b, b_scale);
+  const int64_t M = crow.numel() - 1, n = b.size(0), H = a_scale.size(1), Ch = a.size(1) / H, nnz = col.numel();
+  at::Tensor out = at::empty({nnz, H}, a.options().dtype(at::kFloat));
+  const int64_t* cp = crow.const_data_ptr<int64_t>();
+  TORCH_CHECK(cp[0] == 0 && cp[M] == nnz, "exactq: crow must start at 0 and end at col.numel() = ", nnz);
+  const int64_t* colp = col.const_data_ptr<int64_t>();
+  const int8_t* ap = a.const_data_ptr<int8_t>();
+  const int8_t* bp = b.const_data_ptr<int8_t>();
+  const float* asp = a_scale.const_data_ptr<float>();
+  const float* bsp = b_scale.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::atomic<bool> ok{true};
+  const int64_t grain = std::max<int64_t>(
+      1, kGrainElements / std::max<int64_t>(1, H * Ch * std::max<int64_t>(1, nnz / std::max<int64_t>(M, 1))));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    if (!sddmm_rows(cp, colp, ap, asp, bp, bsp, n, H, Ch, nnz, r0, r1, op)) ok = false;
+  });
+  TORCH_CHECK(ok.load(), "exactq: malformed CSR: crow must be non-decreasing and every col index in [0, ", n,
+              ") (b.size(0))");
+  return out;
+}
+
 // ---- GEMM epilogue ------------------------------------------------------------------------------
 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void epilogue_rows(
@@ -343,6 +400,7 @@ TORCH_LIBRARY_IMPL(exactq, CPU, m) {
   m.impl("int8_gemm_epilogue", &int8_gemm_epilogue_cpu);
   m.impl("int8_quantize", &int8_quantize_cpu);
   m.impl("int8_spmm", &int8_spmm_cpu);
+  m.impl("int8_sddmm", &int8_sddmm_cpu);
 }
 
 }  // namespace cpu

@@ -6,7 +6,8 @@
 // row; csrc/common.h explains why the unsigned order propagates NaN), then one thread per element.
 // int8_spmm: one warp per output row, each lane owning columns lane, lane + 32, ...; neighbours are
 // visited in CSR order, so sums of codes are exact int32 sums and weighted sums are the reference's
-// sequential float32 sums. int8_gemm_epilogue: one thread per element.
+// sequential float32 sums. int8_sddmm: one warp per row, lanes splitting each head's dot product (int32,
+// exact). int8_gemm_epilogue: one thread per element.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -186,6 +187,60 @@ at::Tensor int8_spmm_cuda(const at::Tensor& crow, const at::Tensor& col, const s
   return out;
 }
 
+// One warp per row i; for each entry and head the lanes split the head's columns and add their int32
+// partial dot products with shuffles (integer sums: exact in any order).
+__global__ void sddmm_kernel(const int64_t* __restrict__ crow, const int64_t* __restrict__ col,
+                             const int8_t* __restrict__ a, const float* __restrict__ as,
+                             const int8_t* __restrict__ b, const float* __restrict__ bs, int64_t n, int64_t H,
+                             int64_t Ch, int64_t M, int64_t nnz, float* __restrict__ out, int* __restrict__ bad) {
+  const int lane = threadIdx.x & 31;
+  const int64_t C = H * Ch;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; i < M; i += warps) {
+    const int64_t e0 = crow[i], e1 = crow[i + 1];
+    if (e0 < 0 || e0 > e1 || e1 > nnz) {
+      if (lane == 0) atomicExch(bad, 1);
+      continue;
+    }
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t j = col[e];
+      if (static_cast<uint64_t>(j) >= static_cast<uint64_t>(n)) {
+        if (lane == 0) atomicExch(bad, 1);
+        continue;
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        int32_t acc = 0;
+        for (int64_t c = h * Ch + lane; c < (h + 1) * Ch; c += 32) {
+          acc += static_cast<int32_t>(a[i * C + c]) * static_cast<int32_t>(b[j * C + c]);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+        if (lane == 0) out[e * H + h] = (static_cast<float>(acc) * as[i * H + h]) * bs[j * H + h];
+      }
+    }
+  }
+}
+
+at::Tensor int8_sddmm_cuda(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& a,
+                           const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale) {
+  check_int8_sddmm_inputs(crow, col, a, a_scale, b, b_scale);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t M = crow.numel() - 1, n = b.size(0), H = a_scale.size(1), Ch = a.size(1) / H, nnz = col.numel();
+  at::Tensor out = at::empty({nnz, H}, a.options().dtype(at::kFloat));
+  at::Tensor bad = at::zeros({1}, a.options().dtype(at::kInt));
+  if (M > 0 && nnz > 0) {
+    sddmm_kernel<<<blocks_for(M, kThreads / 32), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), a.const_data_ptr<int8_t>(),
+        a_scale.const_data_ptr<float>(), b.const_data_ptr<int8_t>(), b_scale.const_data_ptr<float>(), n, H, Ch, M,
+        nnz, out.data_ptr<float>(), bad.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  TORCH_CHECK(crow[0].item<int64_t>() == 0 && crow[M].item<int64_t>() == nnz && bad.item<int>() == 0,
+              "exactq: malformed CSR: crow must be non-decreasing from 0 to col.numel() and every col index in "
+              "[0, ", n, ") (b.size(0))");
+  return out;
+}
+
 __global__ void epilogue_kernel(const int32_t* __restrict__ acc, const float* __restrict__ rs,
                                 const float* __restrict__ cs, const float* __restrict__ bias, int64_t M, int64_t N,
                                 float* __restrict__ out) {
@@ -244,6 +299,7 @@ TORCH_LIBRARY_IMPL(exactq, CUDA, m) {
   m.impl("seeded_dropout", &seeded_dropout_cuda);
   m.impl("int8_quantize", &int8_quantize_cuda);
   m.impl("int8_spmm", &int8_spmm_cuda);
+  m.impl("int8_sddmm", &int8_sddmm_cuda);
   m.impl("int8_gemm_epilogue", &int8_gemm_epilogue_cuda);
 }
 

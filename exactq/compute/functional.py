@@ -12,6 +12,9 @@ Rules, stated once (tests/test_compute.py checks each):
 * A sparse product needs no saved activation at all (its backward reads only the adjacency); a linear
   layer's input is handed to the session's storage (``stash``), so with ``bits`` < 8 it is kept at
   ``bits`` and quantized to int8 again in backward.
+* An attention aggregation (GAT: per-head weights that need a gradient) keeps its weights exactly and
+  hands its features to ``stash``; its weights' gradient is an int8 SDDMM (``exactq::int8_sddmm``), so
+  no per-edge message is ever materialised or saved.
 * Dropout stays float32 arithmetic, but its mask comes from exactq's counter-based generator
   (``exactq::seeded_dropout``, 8-12x faster than torch's CPU dropout here) and is never stored: its
   backward regenerates it from the seed.
@@ -29,7 +32,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from .. import _ops
-from .structure import Structure, structure_of
+from .structure import Structure, is_unit, structure_of
 
 COMPUTE_MODES = ("int8",)
 # int32 accumulation bound: a product summed over at most this many int8 x int8 terms cannot overflow
@@ -134,7 +137,7 @@ def spmm(adj: torch.Tensor, x: torch.Tensor, reduce: str = "sum", hooks: Optiona
         return torch.sparse.mm(adj, x, reduce) if reduce != "sum" else torch.sparse.mm(adj, x)
     s = structure_of(adj)
     values = adj.values().detach()
-    weight = None if bool((values == 1).all()) else values.float().contiguous()
+    weight = None if is_unit(s, values) or bool((values == 1).all()) else values.float().contiguous()
     row_scale = 1.0 / s.degree.clamp(min=1) if reduce == "mean" else None  # forward's; backward folds it into A^T
     hooks.note("spmm", "int8")
     return _Int8SpMM.apply(x, q, scale, s, weight, row_scale, hooks)
@@ -155,6 +158,90 @@ def _spmm_unsupported(adj: torch.Tensor, x: torch.Tensor, reduce: str) -> Option
     if not adj.values().dtype.is_floating_point:
         return f"adjacency values of dtype {adj.values().dtype}"
     return None
+
+
+# ---- attention-weighted sparse x dense (GAT) -------------------------------------------------------------
+
+def _heads(t: torch.Tensor, dim: int, seed: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of ``t`` [rows, heads, C] as [rows, heads * C] with a scale per column (``dim=0``, [heads *
+    C]) or per (row, head) (``dim=1``, [rows, heads])."""
+    rows, heads, c = t.shape
+    if dim == 0:
+        return _quantize(t.reshape(rows, heads * c), 0, seed)
+    q, scale = _quantize(t.reshape(rows * heads, c), 1, seed)
+    return q.view(rows, heads * c), scale.view(rows, heads)
+
+
+def _per_head_spmm(crow, col, values, q, scale, heads: int) -> torch.Tensor:
+    """``[rows, heads, C]``: head h's columns of ``q`` summed with head h's column of ``values``."""
+    c = q.shape[1] // heads
+    outs = [_ops.int8_spmm(crow, col, values[:, h].contiguous(), q[:, h * c:(h + 1) * c].contiguous(),
+                           scale[h * c:(h + 1) * c].contiguous(), None) for h in range(heads)]
+    return torch.stack(outs, 1)
+
+
+class _Int8AttentionSpMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, q, scale, s: Structure, hooks: Hooks):  # type: ignore[override]
+        heads = x.shape[1]
+        ctx.s, ctx.hooks, ctx.dtype = s, hooks, x.dtype
+        ctx.x = hooks.stash(x, "attention spmm") if values.requires_grad else None
+        ctx.values = hooks.keep(values, "attention spmm", "attention weights of a sparse product") \
+            if x.requires_grad else None
+        return _per_head_spmm(s.crow, s.col, values.detach().float(), q, scale, heads).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        s, hooks = ctx.s, ctx.hooks
+        g = grad.float().contiguous()
+        heads = g.shape[1]
+        gx = gv = None
+        if ctx.values is not None:  # A_h^T g_h per head
+            t_values = ctx.values.restore().detach().float()[s.perm]
+            gq, gscale = _heads(g, 0, hooks.seed())
+            if _finite(gscale):
+                hooks.note("attention spmm backward (features)", "int8")
+                gx = _per_head_spmm(s.t_crow, s.t_col, t_values, gq, gscale, heads)
+            else:
+                hooks.note("attention spmm backward (features)", "fp32: gradient holds NaN/Inf")
+                gx = torch.stack([torch.sparse.mm(_transpose_csr(s, t_values[:, h].contiguous()), g[:, h])
+                                  for h in range(heads)], 1)
+            gx = gx.to(ctx.dtype)
+        if ctx.x is not None:  # the attention weights' gradient: <g_i, x_j> per entry and head (SDDMM)
+            x = ctx.x.restore().float().contiguous()
+            gq, gscale = _heads(g, 1, hooks.seed())
+            xq, xscale = _heads(x, 1, hooks.seed())
+            if _finite(gscale) and _finite(xscale):
+                hooks.note("attention spmm backward (weights)", "int8 SDDMM")
+                gv = _ops.int8_sddmm(s.crow, s.col, gq, gscale, xq, xscale)
+            else:
+                hooks.note("attention spmm backward (weights)", "fp32: operand holds NaN/Inf")
+                rows = torch.repeat_interleave(torch.arange(s.rows, device=g.device), s.crow[1:] - s.crow[:-1])
+                gv = (g[rows] * x[s.col]).sum(-1)
+        return gx, gv, None, None, None, None
+
+
+def attention_spmm(s: Structure, values: torch.Tensor, x: torch.Tensor,
+                   hooks: Optional[Hooks] = None) -> Optional[torch.Tensor]:
+    """Multi-head attention aggregation on int8 features: ``out[i, h] = sum_e values[e, h] * x[j, h]`` over
+    the entries ``e = (i, j)`` of the CSR structure ``s`` (rows = targets), ``values`` [nnz, heads] float32
+    in CSR order (may require a gradient), ``x`` [sources, heads, C] float32 or bfloat16. Forward: ``x``
+    per-column int8 (nearest), weighted float32 sums per head. Backward: ``A_h^T g_h`` the same way on the
+    transpose, and the weights' gradient ``<g_i, x_j>`` per entry and head by ``exactq::int8_sddmm`` (int32
+    dot products of per-(row, head) int8 codes, stochastic rounding); ``x`` is stored by the session at
+    ``bits`` instead of PyG's gathered ``[E, heads, C]`` messages. Returns ``None`` where int8 cannot serve
+    (counted by ``hooks.note``): the caller runs its own float32 path."""
+    hooks = hooks or _plain_hooks()
+    if x.dim() != 3 or x.dtype not in (torch.float32, torch.bfloat16) or x.layout != torch.strided \
+            or values.shape != (s.col.numel(), x.shape[1]) or not values.is_floating_point() or x.shape[0] != s.cols:
+        hooks.note("attention spmm", "fp32: shapes or dtypes (int8 takes x [sources, heads, C], values [nnz, heads])")
+        return None
+    q, scale = _heads(x.detach(), 0, None)
+    if not _finite(scale):
+        hooks.note("attention spmm", "fp32: operand holds NaN/Inf")
+        return None
+    hooks.note("attention spmm", "int8")
+    return _Int8AttentionSpMM.apply(x, values, q, scale, s, hooks)
 
 
 # ---- dropout -------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 PyG's layers reach what this serves through plain torch functions: every ``torch_geometric.nn.Linear``
 / ``torch.nn.Linear`` calls ``F.linear``, every aggregation over a ``torch.sparse`` CSR adjacency
 (``utils.spmm``: GCN, GraphSAGE, GIN, GraphConv and others) calls ``torch.sparse.mm``, and dropout
-(module or functional) calls ``F.dropout``. A ``TorchFunctionMode`` sees them without touching the model. Aggregations over an
-``edge_index`` (gather + scatter) are not products; convert the graph once with
-``exactq.data.with_sparse_adjacency`` (PyG's fastest fp32 path too) to run them in int8.
+(module or functional) calls ``F.dropout``. A ``TorchFunctionMode`` sees them without touching the model.
+Aggregations over an ``edge_index`` (gather + scatter) are not products: :mod:`.aggregation` turns those
+of the layers it covers into products on the graph's cached CSR, which the mode then serves.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import functional as CF
+from .aggregation import EdgeIndexRouting
 
 _SPARSE_MM = (torch.sparse.mm,)  # the builtin torch._C._sparse._sparse_mm
 _MATMUL = (torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.__matmul__)
@@ -28,10 +29,22 @@ class ComputeMode(TorchFunctionMode):
     def __init__(self, hooks: CF.Hooks) -> None:
         super().__init__()
         self.hooks = hooks
+        self._routing = EdgeIndexRouting(hooks, _routes)
+
+    def __enter__(self) -> "ComputeMode":
+        super().__enter__()
+        self._routing.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._routing.__exit__(*exc)
+        finally:
+            super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.compiler.is_compiling() or _autocast_enabled():
+        if not _routes():
             return func(*args, **kwargs)  # autocast picks its own dtypes; compiled graphs are not rerouted
         if func is torch.nn.functional.dropout:
             x = args[0] if args else kwargs["input"]
@@ -52,8 +65,10 @@ class ComputeMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _autocast_enabled() -> bool:
-    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+def _routes() -> bool:
+    """Whether products are rerouted now: not while Dynamo traces, not under autocast."""
+    return not (torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or torch.is_autocast_enabled("cuda"))
 
 
 def session_hooks(engine: Any) -> CF.Hooks:
