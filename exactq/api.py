@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 
 from . import functional as EF
-from .compute.mode import ComputeMode, session_hooks
+from .compute.mode import routed, session_hooks
 from .config import Config, make_config
 from .engine import HookEngine, OpTracker
 from .report import MemoryReport
@@ -40,7 +40,7 @@ class CompressionSession(contextlib.ContextDecorator):
             stack.enter_context(tracker)
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._engine.pack, self._engine.unpack))
             if self.config.compute is not None:  # innermost: it sees the model's ops first
-                stack.enter_context(ComputeMode(session_hooks(self._engine)))
+                stack.enter_context(routed(session_hooks(self._engine)))
             self._stack = stack.pop_all()
         return self
 

@@ -1,6 +1,8 @@
 """INT8 compute (exactq.compute): kernels equal the reference bit for bit, primitives are close to fp32
 (and unbiased in their gradients), fallbacks are exact and counted, and a session with compute="int8"
 trains PyG models unchanged."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -426,6 +428,62 @@ def test_attention_in_int8_stores_no_per_edge_messages():
     # saves x once per node instead. Softmax's kept tensors dominate what is left.
     assert reports["int8+INT2"].original_bytes < 0.5 * reports["INT2"].original_bytes
     assert reports["int8+INT2"].stored_bytes < reports["INT2"].stored_bytes
+
+
+def test_heterogeneous_models_aggregate_each_edge_type_on_its_csr():
+    from torch_geometric.data import HeteroData
+    from torch_geometric.nn import GATConv, GraphConv, HeteroConv, SAGEConv, to_hetero
+
+    torch.manual_seed(0)
+    d = HeteroData()
+    d["paper"].x, d["author"].x = torch.randn(100, 16), torch.randn(60, 8)
+    writes = torch.stack([torch.randint(0, 60, (300,)), torch.randint(0, 100, (300,))])
+    d["author", "writes", "paper"].edge_index = writes
+    d["paper", "rev_writes", "author"].edge_index = writes.flip(0)
+    d["paper", "cites", "paper"].edge_index = torch.randint(0, 100, (2, 400))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = SAGEConv((-1, -1), 32), SAGEConv((-1, -1), 4)
+
+        def forward(self, x, edge_index):
+            return self.c2(self.c1(x, edge_index).relu(), edge_index)
+
+    models = {
+        "to_hetero": (to_hetero(Net(), d.metadata(), aggr="sum"), 6),
+        "HeteroConv": (HeteroConv({("paper", "cites", "paper"): GraphConv(-1, 16),
+                                   ("author", "writes", "paper"): GATConv((-1, -1), 16, add_self_loops=False),
+                                   ("paper", "rev_writes", "author"): SAGEConv((-1, -1), 16)}), 3),
+    }
+    for name, (model, layers) in models.items():
+        ref = model(d.x_dict, d.edge_index_dict)
+        with exactq.compress(bits=8, compute="int8") as session:
+            out = model(d.x_dict, d.edge_index_dict)
+        sum(o.sum() for o in out.values()).backward()
+        assert all(_rel(out[k], ref[k]) < 0.03 for k in ref), name
+        routed = sum(v for k, v in session.report().compute.items() if k.startswith("edge_index aggregation: ")
+                     and "cached CSR" in k)
+        assert routed == layers, (name, session.report().compute)
+
+
+def test_compiled_models_in_a_compute_session_equal_eager():
+    """Compiled regions are not rerouted (the mode and the routing stand aside while Dynamo traces), even
+    for a layer that got its stand-in propagate in an eager call of the same session."""
+    from torch_geometric.nn import GAT, GraphSAGE
+
+    data = _planetoid_like()
+    for model in (GraphSAGE(data.num_features, 16, 2, 4), GAT(data.num_features, 16, 2, 4, heads=2)):
+        torch._dynamo.reset()
+        eager = model(data.x, data.edge_index)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exactq's one warning about compiled regions is tested elsewhere
+            with exactq.compress(bits=8, compute="int8"):
+                model(data.x, data.edge_index)  # eager first: the routing meets every layer
+                compiled = torch.compile(model)(data.x, data.edge_index)
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+        compiled.sum().backward()
+        assert not [m for m in model.modules() if "propagate" in m.__dict__]
 
 
 def test_int8_compute_with_int2_storage_saves_memory():

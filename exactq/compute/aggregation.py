@@ -201,7 +201,7 @@ class EdgeIndexRouting:
         return as_sparse(layer, *inputs, self.hooks)
 
     def _on_attention(self, layer: Any, edge_index: Any, size: Any = None, **kwargs: Any) -> Any:
-        if threading.get_ident() != self._thread or not self.active():
+        if not self.active() or threading.get_ident() != self._thread:  # active() first: Dynamo traces it
             return type(layer).propagate(layer, edge_index, size=size, **kwargs)
         return attention_propagate(layer, self.hooks, edge_index, size, **kwargs)
 

@@ -9,7 +9,8 @@ of the layers it covers into products on the graph's cached CSR, which the mode 
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -29,18 +30,6 @@ class ComputeMode(TorchFunctionMode):
     def __init__(self, hooks: CF.Hooks) -> None:
         super().__init__()
         self.hooks = hooks
-        self._routing = EdgeIndexRouting(hooks, _routes)
-
-    def __enter__(self) -> "ComputeMode":
-        super().__enter__()
-        self._routing.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self._routing.__exit__(*exc)
-        finally:
-            super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -69,6 +58,15 @@ def _routes() -> bool:
     """Whether products are rerouted now: not while Dynamo traces, not under autocast."""
     return not (torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
                 or torch.is_autocast_enabled("cuda"))
+
+
+@contextlib.contextmanager
+def routed(hooks: CF.Hooks) -> Iterator[None]:
+    """A session's compute routing: :class:`~.aggregation.EdgeIndexRouting` around a :class:`ComputeMode`
+    (kept a plain mode, with TorchFunctionMode's own ``__enter__`` / ``__exit__``, as Dynamo needs to
+    handle graph breaks under it)."""
+    with EdgeIndexRouting(hooks, _routes), ComputeMode(hooks):
+        yield
 
 
 def session_hooks(engine: Any) -> CF.Hooks:
