@@ -109,6 +109,19 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cuda(const at::Tensor& x_in, in
   return {q, scale};
 }
 
+// Row i's entries [e0, e1) of a CSR; false, with *bad set, for a malformed row (checked on the host after
+// the launch).
+__device__ __forceinline__ bool row_entries(const int64_t* __restrict__ crow, int64_t i, int64_t nnz, int lane,
+                                            int* __restrict__ bad, int64_t* e0, int64_t* e1) {
+  *e0 = crow[i];
+  *e1 = crow[i + 1];
+  if (*e0 < 0 || *e0 > *e1 || *e1 > nnz) {
+    if (lane == 0) atomicExch(bad, 1);
+    return false;
+  }
+  return true;
+}
+
 // One warp per row; *bad is set for a malformed row (checked on the host after the launch).
 template <bool W>
 __global__ void spmm_kernel(const int64_t* __restrict__ crow, const int64_t* __restrict__ col,
@@ -118,11 +131,8 @@ __global__ void spmm_kernel(const int64_t* __restrict__ crow, const int64_t* __r
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; i < M; i += warps) {
-    const int64_t e0 = crow[i], e1 = crow[i + 1];
-    if (e0 < 0 || e0 > e1 || e1 > nnz) {
-      if (lane == 0) atomicExch(bad, 1);
-      continue;
-    }
+    int64_t e0, e1;
+    if (!row_entries(crow, i, nnz, lane, bad, &e0, &e1)) continue;
     const float r = rs != nullptr ? rs[i] : 1.0f;
     for (int64_t c0 = 0; c0 < C; c0 += 32 * 8) {  // up to 8 columns per lane in registers
       int32_t iacc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -197,11 +207,8 @@ __global__ void sddmm_kernel(const int64_t* __restrict__ crow, const int64_t* __
   const int64_t C = H * Ch;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; i < M; i += warps) {
-    const int64_t e0 = crow[i], e1 = crow[i + 1];
-    if (e0 < 0 || e0 > e1 || e1 > nnz) {
-      if (lane == 0) atomicExch(bad, 1);
-      continue;
-    }
+    int64_t e0, e1;
+    if (!row_entries(crow, i, nnz, lane, bad, &e0, &e1)) continue;
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t j = col[e];
       if (static_cast<uint64_t>(j) >= static_cast<uint64_t>(n)) {
