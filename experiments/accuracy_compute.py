@@ -4,9 +4,8 @@
                                            [--models gcn sage gin]
 
 Cora and CiteSeer (../shared/datasets): GCN, GraphSAGE and GIN (or the --models given; also GAT) 2 x 64,
-dropout 0.5, 100 epochs. The
-arxiv-scale learnable synthetic graph (169,343 nodes, 128 features, 2.3 M edges, 40 classes, signal 1.0):
-the same models 3 x 128 with batch norm, 12 epochs. Every run aggregates over a torch.sparse CSR adjacency
+dropout 0.5, 100 epochs. The arxiv-scale learnable synthetic graph (169,343 nodes, 128 features, 2.3 M
+edges, 40 classes, signal 1.0): the same models 3 x 128 with batch norm, 12 epochs. Every run aggregates over a torch.sparse CSR adjacency
 (the path int8 serves); fp32 and int8 runs of a seed start from the same weights. Test accuracy at the best
 validation epoch; gap = mean of the per-seed differences +- its standard error. Writes
 results/accuracy_compute{,_quick}.{md,csv,png}.
@@ -90,8 +89,8 @@ def main(argv=None):
                                  5 if args.quick else args.epochs)
         if "arxiv" in args.graphs:
             data = with_sparse_adjacency(paper_graph("ogbn-arxiv", scale=0.02 if args.quick else 1.0, signal=1.0))
-            rows += rows_for("arxiv-shaped synthetic", data, args.models, 3, 128, "batch_norm", 2 if args.quick else args.arxiv_seeds,
-                             3 if args.quick else args.arxiv_epochs)
+            rows += rows_for("arxiv-shaped synthetic", data, args.models, 3, 128, "batch_norm",
+                             2 if args.quick else args.arxiv_seeds, 3 if args.quick else args.arxiv_epochs)
     stem = "accuracy_compute" + ("_quick" if args.quick else "") + (
         "" if set(args.graphs) == {"planetoid", "arxiv"} else "_" + "_".join(args.graphs)) + (
         "" if args.models == list(MODELS) else "_" + "_".join(args.models))

@@ -22,20 +22,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+import exactq
 from common import apply_threads, Timer, command_line, paper_graph, parser, write_results
 
 
-def _modes():
-    import exactq
-
-    return {"exactq": exactq.Config(bits=2), "exactq-int8": exactq.Config(bits=2, compute="int8"), "fp32": None}
-
-
-MODES = _modes()
+MODES = {"exactq": exactq.Config(bits=2), "exactq-int8": exactq.Config(bits=2, compute="int8"), "fp32": None}
 
 
 def worker(mode: str, scale: float, epochs: int, lr: float) -> dict:
-    import exactq
     from exactq.memory import peak_rss_bytes
     from exactq.train import build_model
 
