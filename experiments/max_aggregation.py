@@ -2,7 +2,7 @@
 max-aggregation GraphSAGE on an ogbn-arxiv-shaped graph.
 
     python experiments/max_aggregation.py [--quick] [--seeds 10] [--epochs 100] [--planetoid Cora CiteSeer]
-                                          [--tasks planetoid ego synthetic] [--ego-epochs 50]
+                                          [--tasks planetoid ego synthetic] [--ego-epochs 50] [--bits 2]
 
 Their backwards find the winners of each max by ``input == result``; exactq stores one bit per element
 for that (exactq.rules: Winners) and nothing for the result, so those ops' gradients are exact.
@@ -96,17 +96,18 @@ def memory_rows(scale: float):
              "report fp32 MB": report.original_bytes / 2**20, "report stored MB": report.stored_bytes / 2**20}], report
 
 
-def _accuracy_row(graph, name, make, data, seeds, epochs):
+def _accuracy_row(graph, name, make, data, seeds, epochs, bits=2):
     acc = {}
-    for label, cfg in (("fp32", None), ("INT2", exactq.Config(bits=2))):
+    q = f"INT{bits}"
+    for label, cfg in (("fp32", None), (q, exactq.Config(bits=bits))):
         runs = []
         for seed in tqdm(range(seeds), desc=f"{graph} {name} {label}", leave=False):
             torch.manual_seed(seed)
             runs.append(100 * train(make(), data, cfg, epochs=epochs, measure_memory=False).test_at_best_val)
         acc[label] = runs
-    gap = [b - a for a, b in zip(acc["fp32"], acc["INT2"])]
+    gap = [b - a for a, b in zip(acc["fp32"], acc[q])]
     row = {"graph": graph, "model": name, "fp32 acc": statistics.mean(acc["fp32"]),
-           "INT2 acc": statistics.mean(acc["INT2"]), "gap": statistics.mean(gap),
+           f"{q} acc": statistics.mean(acc[q]), "gap": statistics.mean(gap),
            "gap std err": statistics.stdev(gap) / len(gap) ** 0.5 if len(gap) > 1 else float("nan"),
            "fp32 std": statistics.pstdev(acc["fp32"]), "seeds": seeds, "epochs": epochs}
     print(row)
@@ -121,6 +122,7 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS,
                    help="planetoid: GraphSAGE max; ego: GIN + global_max_pool on ego graphs; synthetic: all three")
     p.add_argument("--ego-epochs", type=int, default=50)
+    p.add_argument("--bits", type=int, default=2, choices=[1, 2, 4, 8], help="the compressed runs' bits")
     args = p.parse_args(argv)
     apply_threads(args)
     seeds, epochs = (2, 3) if args.quick else (args.seeds, args.epochs)
@@ -132,18 +134,19 @@ def main(argv=None):
             data = load_planetoid(graph)
             if "planetoid" in args.tasks:
                 rows.append(_accuracy_row(graph, "GraphSAGE max 2x64", _models(data)["GraphSAGE max 2x64"], data,
-                                          seeds, epochs))
+                                          seeds, epochs, args.bits))
             if "ego" in args.tasks:  # 13,264 nodes for Cora's 2,708 ego graphs: fewer epochs
                 egos, batch = ego_graphs(data)
                 rows.append(_accuracy_row(f"{graph} 1-hop ego graphs", "GIN 2x64 + global_max_pool",
                                           lambda: GINMaxPool(data.num_features, int(data.y.max()) + 1, batch), egos,
-                                          seeds, args.ego_epochs))
+                                          seeds, args.ego_epochs, args.bits))
         if "synthetic" in args.tasks:
             synthetic = synthetic_graph(600 if args.quick else 3000, 32, 6000 if args.quick else 30000, 5,
                                         signal=0.5, seed=0)
             for name, make in _models(synthetic).items():
-                rows.append(_accuracy_row("synthetic", name, make, synthetic, seeds, epochs))
-    suffix = ("_quick" if args.quick else "") + ("" if set(args.tasks) == set(TASKS) else "_" + "_".join(args.tasks))
+                rows.append(_accuracy_row("synthetic", name, make, synthetic, seeds, epochs, args.bits))
+    suffix = ("_quick" if args.quick else "") + ("" if set(args.tasks) == set(TASKS) else "_" + "_".join(args.tasks)) \
+        + ("" if args.bits == 2 else f"_int{args.bits}")
     write_results(args.out, f"max_aggregation_memory{suffix}", mem,
                   "GraphSAGE(aggr='max') 3 x 128, batch norm, one training forward; MB measured.", command_line(),
                   timer.seconds)
