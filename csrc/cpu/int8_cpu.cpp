@@ -183,6 +183,17 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& x_in, int
 
 // ---- sparse x dense ------------------------------------------------------------------------------
 
+// The two checks of a CSR around a row-parallel kernel: its ends before (crow[0] == 0, crow[M] == nnz), and
+// after, whether every row was well formed (offsets in order, column indices below n).
+inline void check_csr_ends(const int64_t* cp, int64_t M, int64_t nnz) {
+  TORCH_CHECK(cp[0] == 0 && cp[M] == nnz, "exactq: crow must start at 0 and end at col.numel() = ", nnz);
+}
+
+inline void check_rows_ok(bool ok, int64_t n, const char* rows_of) {
+  TORCH_CHECK(ok, "exactq: malformed CSR: crow must be non-decreasing and every col index in [0, ", n, ") (",
+              rows_of, ")");
+}
+
 // Rows [r0, r1) of out = row_scale * (A @ (q * scale)); A given by crow/col (and weight, if W).
 // Returns false on a malformed row (offsets out of order or a column index out of range).
 template <bool W>
@@ -247,7 +258,7 @@ at::Tensor int8_spmm_cpu(const at::Tensor& crow, const at::Tensor& col, const st
   const int64_t M = crow.numel() - 1, n = q.size(0), C = q.size(1), nnz = col.numel();
   at::Tensor out = at::empty({M, C}, q.options().dtype(at::kFloat));
   const int64_t* cp = crow.const_data_ptr<int64_t>();
-  TORCH_CHECK(cp[0] == 0 && cp[M] == nnz, "exactq: crow must start at 0 and end at col.numel() = ", nnz);
+  check_csr_ends(cp, M, nnz);
   const int64_t* colp = col.const_data_ptr<int64_t>();
   const float* wp = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
   const float* rsp = row_scale.has_value() ? row_scale->const_data_ptr<float>() : nullptr;
@@ -262,8 +273,7 @@ at::Tensor int8_spmm_cpu(const at::Tensor& crow, const at::Tensor& col, const st
                                     : spmm_rows_plain(cp, colp, wp, qp, n, C, sp, rsp, nnz, r0, r1, op);
     if (!good) ok = false;
   });
-  TORCH_CHECK(ok.load(), "exactq: malformed CSR: crow must be non-decreasing and every col index in [0, ", n,
-              ") (q.size(0))");
+  check_rows_ok(ok.load(), n, "q.size(0)");
   return out;
 }
 
@@ -305,7 +315,7 @@ at::Tensor int8_sddmm_cpu(const at::Tensor& crow, const at::Tensor& col, const a
   const int64_t M = crow.numel() - 1, n = b.size(0), H = a_scale.size(1), Ch = a.size(1) / H, nnz = col.numel();
   at::Tensor out = at::empty({nnz, H}, a.options().dtype(at::kFloat));
   const int64_t* cp = crow.const_data_ptr<int64_t>();
-  TORCH_CHECK(cp[0] == 0 && cp[M] == nnz, "exactq: crow must start at 0 and end at col.numel() = ", nnz);
+  check_csr_ends(cp, M, nnz);
   const int64_t* colp = col.const_data_ptr<int64_t>();
   const int8_t* ap = a.const_data_ptr<int8_t>();
   const int8_t* bp = b.const_data_ptr<int8_t>();
@@ -318,8 +328,7 @@ at::Tensor int8_sddmm_cpu(const at::Tensor& crow, const at::Tensor& col, const a
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     if (!sddmm_rows(cp, colp, ap, asp, bp, bsp, n, H, Ch, nnz, r0, r1, op)) ok = false;
   });
-  TORCH_CHECK(ok.load(), "exactq: malformed CSR: crow must be non-decreasing and every col index in [0, ", n,
-              ") (b.size(0))");
+  check_rows_ok(ok.load(), n, "b.size(0)");
   return out;
 }
 

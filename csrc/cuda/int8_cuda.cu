@@ -109,6 +109,14 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cuda(const at::Tensor& x_in, in
   return {q, scale};
 }
 
+// On the host, after a warp-per-row kernel: the CSR's ends, and the rows the kernel flagged in *bad.
+void check_csr_after_launch(const at::Tensor& crow, int64_t M, int64_t nnz, const at::Tensor& bad, int64_t n,
+                            const char* rows_of) {
+  TORCH_CHECK(crow[0].item<int64_t>() == 0 && crow[M].item<int64_t>() == nnz && bad.item<int>() == 0,
+              "exactq: malformed CSR: crow must be non-decreasing from 0 to col.numel() and every col index in "
+              "[0, ", n, ") (", rows_of, ")");
+}
+
 // Row i's entries [e0, e1) of a CSR; false, with *bad set, for a malformed row (checked on the host after
 // the launch).
 __device__ __forceinline__ bool row_entries(const int64_t* __restrict__ crow, int64_t i, int64_t nnz, int lane,
@@ -191,9 +199,7 @@ at::Tensor int8_spmm_cuda(const at::Tensor& crow, const at::Tensor& col, const s
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  TORCH_CHECK(crow[0].item<int64_t>() == 0 && crow[M].item<int64_t>() == nnz && bad.item<int>() == 0,
-              "exactq: malformed CSR: crow must be non-decreasing from 0 to col.numel() and every col index in "
-              "[0, ", n, ") (q.size(0))");
+  check_csr_after_launch(crow, M, nnz, bad, n, "q.size(0)");
   return out;
 }
 
@@ -242,9 +248,7 @@ at::Tensor int8_sddmm_cuda(const at::Tensor& crow, const at::Tensor& col, const 
         nnz, out.data_ptr<float>(), bad.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  TORCH_CHECK(crow[0].item<int64_t>() == 0 && crow[M].item<int64_t>() == nnz && bad.item<int>() == 0,
-              "exactq: malformed CSR: crow must be non-decreasing from 0 to col.numel() and every col index in "
-              "[0, ", n, ") (b.size(0))");
+  check_csr_after_launch(crow, M, nnz, bad, n, "b.size(0)");
   return out;
 }
 

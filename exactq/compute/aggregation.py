@@ -83,10 +83,11 @@ def _why_not(layer: Any, edge_index: Any, kwargs: Dict[str, Any]) -> Optional[st
     return ""
 
 
-def _sizes(layer: Any, size: Any, x: Any) -> Optional[Tuple[int, int]]:
-    """(sources, targets) as PyG's collect would set them, or ``None`` where it cannot be told here."""
+def _sizes(layer: Any, size: Any, x: Any, dims: int = 2) -> Optional[Tuple[int, int]]:
+    """(sources, targets) as PyG's collect would set them for ``dims``-dimensional node features with nodes
+    first, or ``None`` where it cannot be told here."""
     src, dst = (x[0], x[1]) if isinstance(x, (tuple, list)) and len(x) == 2 else (x, None)
-    if not isinstance(src, torch.Tensor) or src.dim() != 2 or layer.node_dim not in (0, -2):
+    if not isinstance(src, torch.Tensor) or src.dim() != dims or layer.node_dim not in (0, -dims):
         return None
     sizes = [src.shape[0], dst.shape[0] if isinstance(dst, torch.Tensor) else None]
     for i, given in enumerate(size if size is not None else (None, None)):
@@ -142,11 +143,8 @@ def attention_propagate(layer: Any, hooks: Hooks, edge_index: Any, size: Any = N
     if reason is None and csr_adj:
         out = attention_spmm(structure_of(edge_index), alpha, x[0], hooks)  # None: counted by attention_spmm
     elif reason is None:
-        n_src = x[0].shape[0]
-        n_dst = x[1].shape[0] if isinstance(x[1], torch.Tensor) else n_src
-        if size is not None and size[1] is not None:
-            n_dst = size[1]
-        csr = EDGE_INDEX_CSRS.get(edge_index, n_src, n_dst)
+        sizes = _sizes(layer, size, x, dims=3)
+        csr = EDGE_INDEX_CSRS.get(edge_index, *sizes) if sizes is not None else None
         if csr is None:
             reason = "node counts not known or indices out of range"
         else:
