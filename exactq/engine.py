@@ -172,6 +172,10 @@ class OpTracker(TorchFunctionMode):
         return bool(self._produced.get((_storage_id(t),)))
 
 
+def _codes(buffers: Any, codes: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return codes
+
+
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -496,6 +500,17 @@ class HookEngine:
         h = _Packed(t, op=op)
         with torch.no_grad():
             self._settle(h, rules.LINEAR, None, f"{op}.input", {})
+        return h
+
+    def stash_codes(self, t: torch.Tensor, codes: Tuple[torch.Tensor, torch.Tensor], op: str) -> _Packed:
+        """Store a linear operand as the int8 codes and per-row scales its forward product ran on, where
+        the session stores 8 bits: nothing is quantized again, and backward reads the codes as they are
+        (``restore()`` gives the ``(codes, scales)`` pair). Below 8 bits, or for a small or external
+        tensor, as :meth:`stash` (``restore()`` gives a float tensor)."""
+        if self.config.bits != 8 or t.numel() < self.config.min_numel or self._is_external(t):
+            return self.stash(t, op)
+        h = _Packed(t, op=op)
+        self._share(h, t, f"{op}.input", R.QUANTIZED, ("int8 rows",), lambda: codes, _codes)
         return h
 
     def keep(self, t: torch.Tensor, op: str, reason: str) -> _Packed:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .api import compress
 from .compute.structure import structure_of
 from .config import Config
+from .functional import draw_seed
 from .memory import LiveTensorMemory
 from .report import MemoryReport
 
@@ -91,7 +92,8 @@ def train(model: torch.nn.Module, data: Data, config: Optional[Config], *, epoch
     """Full-batch training; ``config=None`` trains in fp32. Memory is measured on the first epoch.
 
     Aggregates with ``data.adj_t`` when present (see ``exactq.data.with_sparse_adjacency``), else with
-    ``data.edge_index``.
+    ``data.edge_index``. Every epoch takes one seed from torch's generator whatever the config, so under
+    one ``torch.manual_seed`` an fp32 run and a compressed one see the same dropout masks.
     """
     graph = data.adj_t if "adj_t" in data else data.edge_index
     if config is not None and config.compute is not None and isinstance(graph, torch.Tensor):
@@ -102,6 +104,8 @@ def train(model: torch.nn.Module, data: Data, config: Optional[Config], *, epoch
         model.train()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
+        if config is None or config.seed is not None:
+            draw_seed()  # the draw a session with seed=None makes itself: the same stream for every config
         session = compress(config) if config is not None else contextlib.nullcontext()
         tracker = LiveTensorMemory() if measure_memory and epoch == 0 else contextlib.nullcontext()
         with tracker:

@@ -192,11 +192,16 @@ def test_spmm_close_to_fp32_and_gradient_unbiased(weighted, reduce):
     assert _rel(grads.mean(0), gx_ref) < _rel(grads[0], gx_ref) / 5  # stochastic rounding: the error averages out
 
 
+def _noting_hooks(note) -> CF.Hooks:
+    """Hooks that keep every tensor as it is and pass each product's path to ``note``."""
+    keep = lambda t, *_: CF._Kept(t)  # noqa: E731
+    return CF.Hooks(stash=keep, stash_codes=keep, keep=keep, seed=lambda: 1, note=note)
+
+
 def test_spmm_falls_back_exactly_and_says_why():
     a = _csr(40, 40, 200)
     notes = []
-    hooks = CF.Hooks(lambda t, n: CF._Kept(t), lambda t, n, r: CF._Kept(t), lambda: 1,
-                     lambda op, path: notes.append(path))
+    hooks = _noting_hooks(lambda op, path: notes.append(path))
     x = torch.randn(40, 8)
     x[3, 1] = float("nan")
     assert torch.equal(CF.spmm(a, x, hooks=hooks).isnan(), torch.sparse.mm(a, x).isnan())
@@ -251,8 +256,7 @@ def test_attention_spmm_close_to_fp32_and_gradients_unbiased():
 def test_attention_spmm_falls_back_exactly_on_nonfinite_values():
     s, x, values = _attention_case(heads=2, c=4)
     notes = []
-    hooks = CF.Hooks(lambda t, n: CF._Kept(t), lambda t, n, r: CF._Kept(t), lambda: 1,
-                     lambda op, path: notes.append((op, path)))
+    hooks = _noting_hooks(lambda op, path: notes.append((op, path)))
     bad = x.detach().clone()
     bad[3, 1, 2] = float("nan")
     assert CF.attention_spmm(s, values, bad, hooks) is None and notes[-1][1] == "fp32: operand holds NaN/Inf"
@@ -283,6 +287,36 @@ def test_linear_close_to_fp32_and_gradients_unbiased(dtype):
         if k < 2 and dtype == torch.float32:
             mean = torch.stack([d[k] for d in draws]).mean(0)
             assert _rel(mean, want[k]) < single / 3
+
+
+def test_bits_8_stores_the_forwards_int8_codes_of_a_linear_input():
+    """At bits=8 a linear layer's input is stored as the int8 codes its forward product ran on (one byte
+    each and a float32 scale per row, nothing quantized again), and the weights' gradient averages to
+    the exact gradient of that product."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 24)
+    x = torch.randn(500, 48, requires_grad=True)
+    g = torch.randn(500, 24)
+
+    def run(seed):
+        with exactq.compress(bits=8, compute="int8", min_numel=0, seed=seed) as session:
+            out = lin(x * 1.0)  # made in the session (an input from outside is referenced, not stored)
+        (gw,) = torch.autograd.grad(out, lin.weight, g)
+        return gw, session.report()
+
+    gw, report = run(0)
+    linear = report.by_op["linear"]
+    assert (linear.original_bytes, linear.stored_bytes) == (500 * 48 * 4, 500 * 48 + 500 * 4)
+    assert report.compute["linear backward (weight): int8"] == 1
+    codes, scale = reference.int8_quantize(x.detach(), 1)  # nearest: the forward's operand
+    want = g.t() @ (codes.float() * scale.unsqueeze(1))
+    draws = torch.stack([run(seed)[0] for seed in range(100)])
+    single = _rel(draws[0], want)
+    assert single < 0.05 and _rel(draws.mean(0), want) < single / 3
+    assert _rel(gw, g.t() @ x.detach()) < 0.05
+    with exactq.compress(bits=4, compute="int8", min_numel=0, seed=0) as session:  # below 8 bits: stored at bits
+        lin(x * 1.0)
+    assert session.report().by_op["linear"].stored_bytes < 500 * 48
 
 
 def test_weight_gradient_over_many_rows_does_not_overflow():

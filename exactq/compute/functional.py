@@ -9,9 +9,11 @@ Rules, stated once (tests/test_compute.py checks each):
   (gradients, and the weights and activations they meet) rounds stochastically, seeded by the session:
   given the forward, each gradient is an unbiased estimate of fp32's, so its error averages out over
   steps as exactq's storage does.
-* A sparse product needs no saved activation at all (its backward reads only the adjacency); a linear
-  layer's input is handed to the session's storage (``stash``), so with ``bits`` < 8 it is kept at
-  ``bits`` and quantized to int8 again in backward.
+* A sparse product needs no saved activation at all (its backward reads only the adjacency). A linear
+  layer's input: with ``bits`` = 8 the int8 codes its forward product ran on are what is stored (Tango's
+  cached copies: nothing quantized again; its row scales move onto the gradient, so the weights'
+  gradient is, in expectation, exactly that of the product that ran); with ``bits`` < 8 it is handed
+  to the session's storage (``stash``), kept at ``bits`` and quantized to int8 again in backward.
 * An attention aggregation (GAT: per-head weights that need a gradient) keeps its weights exactly and
   hands its features to ``stash``; its weights' gradient is an int8 SDDMM (``exactq::int8_sddmm``), so
   no per-edge message is ever materialised or saved.
@@ -50,11 +52,14 @@ def check_compute(compute: Optional[str]) -> Optional[str]:
 @dataclass(frozen=True)
 class Hooks:
     """What a compute op takes from its session: ``stash(t, name)`` stores a linear operand for backward
-    (by the session's storage rules) and ``keep(t, name, reason)`` keeps one exactly, each returning a
-    handle whose ``restore()`` gives it back; ``seed()`` draws a stochastic-rounding seed; ``note(op,
-    path)`` counts a product by the path it ran (``"int8"`` or ``"fp32: <reason>"``)."""
+    (by the session's storage rules), ``stash_codes(t, (codes, scales), name)`` may store the int8 codes
+    the forward made of it instead (``restore()`` then gives that pair), and ``keep(t, name, reason)``
+    keeps one exactly, each returning a handle whose ``restore()`` gives it back; ``seed()`` draws a
+    stochastic-rounding seed; ``note(op, path)`` counts a product by the path it ran (``"int8"`` or
+    ``"fp32: <reason>"``)."""
 
     stash: Callable[[torch.Tensor, str], Any]
+    stash_codes: Callable[[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], str], Any]
     keep: Callable[[torch.Tensor, str, str], Any]
     seed: Callable[[], int]
     note: Callable[[str, str], None]
@@ -73,7 +78,7 @@ class _Kept:
 def _plain_hooks() -> Hooks:
     """Hooks outside a session: tensors kept as they are, seeds from torch's generator, nothing counted."""
     keep = lambda t, *_: _Kept(t)  # noqa: E731
-    return Hooks(stash=keep, keep=keep, seed=lambda: int(torch.randint(0, 2**62, ()).item()),
+    return Hooks(stash=keep, stash_codes=keep, keep=keep, seed=lambda: int(torch.randint(0, 2**62, ()).item()),
                  note=lambda op, path: None)
 
 
@@ -295,7 +300,7 @@ class _Int8Linear(torch.autograd.Function):
         qw, w_scale = _quantize(weight.detach(), 1)
         out = _ops.int8_gemm_epilogue(torch._int_mm(qx, qw.t()), x_scale, w_scale,
                                       bias.detach().float() if bias is not None else None)
-        ctx.x = hooks.stash(x, "linear") if weight.requires_grad else None
+        ctx.x = hooks.stash_codes(x, (qx, x_scale), "linear") if weight.requires_grad else None
         ctx.hooks, ctx.has_bias, ctx.dtype = hooks, bias is not None, x.dtype
         ctx.save_for_backward(weight)
         return out.to(x.dtype)
@@ -317,14 +322,20 @@ class _Int8Linear(torch.autograd.Function):
                 gx = g @ weight.detach().float()
             gx = gx.to(ctx.dtype)
         if ctx.needs_input_grad[1]:
-            x = ctx.x.restore().float()
-            gq, gscale = _quantize(g, 0, hooks.seed())
-            xq, xscale = _quantize(x, 0, hooks.seed())
+            saved = ctx.x.restore()
+            if isinstance(saved, tuple):  # the forward's own codes: x's row scales move onto the gradient
+                xq, row_scale = saved
+                gq, gscale = _quantize(g * row_scale.unsqueeze(1), 0, hooks.seed())
+                xscale = torch.ones(xq.shape[1], device=xq.device)
+            else:
+                gq, gscale = _quantize(g, 0, hooks.seed())
+                xq, xscale = _quantize(saved.float(), 0, hooks.seed())
             if _finite(gscale) and _finite(xscale):
                 hooks.note("linear backward (weight)", "int8")
                 gw = _int_mm_chunked(gq, xq, gscale, xscale)
             else:
                 hooks.note("linear backward (weight)", "fp32: operand holds NaN/Inf")
+                x = saved[0].float() * saved[1].unsqueeze(1) if isinstance(saved, tuple) else saved.float()
                 gw = g.t() @ x
             gw = gw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
