@@ -62,12 +62,19 @@ inline void check_out(const at::Tensor& out, const at::Tensor& packed, int64_t n
 }
 
 // INT8 compute ops (exactq.compute).
-inline void check_int8_quantize_input(const at::Tensor& x, int64_t dim) {
+inline void check_int8_quantize_input(const at::Tensor& x, int64_t dim, const std::optional<at::Tensor>& row_scale) {
   TORCH_CHECK(x.dim() == 2, "exactq: int8_quantize needs a 2-D tensor, got ", x.dim(), " dims");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "exactq: int8_quantize needs float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(dim == 0 || dim == 1, "exactq: int8_quantize dim must be 0 (a scale per column) or 1 (per row), got ",
               dim);
+  if (row_scale.has_value()) {
+    TORCH_CHECK(row_scale->dim() == 1 && row_scale->numel() == x.size(0) && row_scale->scalar_type() == at::kFloat &&
+                    row_scale->is_contiguous(),
+                "exactq: int8_quantize's row_scale must be a contiguous float32 tensor of x.size(0) = ", x.size(0),
+                " elements, got ", row_scale->sizes(), " ", row_scale->scalar_type());
+    TORCH_CHECK(row_scale->device() == x.device(), "exactq: int8_quantize's row_scale must be on x's device");
+  }
 }
 
 inline void check_int8_spmm_inputs(const at::Tensor& crow, const at::Tensor& col, const std::optional<at::Tensor>& weight,

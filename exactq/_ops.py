@@ -31,8 +31,8 @@ _SCHEMAS = {
     "unpack_mask": "unpack_mask(Tensor packed, SymInt numel, Tensor? value=None) -> Tensor",
     "unpack_mask_into": "unpack_mask_into(Tensor packed, Tensor? value, Tensor(a!) out) -> ()",
     # INT8 compute (exactq.compute): symmetric codes with a float32 scale per column (dim=0) or row (dim=1);
-    # nearest rounding without a seed, stochastic with one.
-    "int8_quantize": "int8_quantize(Tensor x, int dim, int? seed=None) -> (Tensor, Tensor)",
+    # nearest rounding without a seed, stochastic with one; with row_scale, the codes of x * row_scale[:, None].
+    "int8_quantize": "int8_quantize(Tensor x, int dim, int? seed=None, Tensor? row_scale=None) -> (Tensor, Tensor)",
     # out = row_scale * (A @ (q * scale)) for the CSR matrix A = (crow, col, weight or ones).
     "int8_spmm": "int8_spmm(Tensor crow, Tensor col, Tensor? weight, Tensor q, Tensor scale, Tensor? row_scale) -> Tensor",
     # out[e, h] = a_scale[i, h] * b_scale[j, h] * (a[i, head h] . b[j, head h]) for each entry e = (i, j) of the
@@ -82,7 +82,7 @@ def _unpack_mask_into_fake(packed, value, out):
 
 
 @torch.library.register_fake("exactq::int8_quantize", lib=_LIB)
-def _int8_quantize_fake(x, dim, seed=None):
+def _int8_quantize_fake(x, dim, seed=None, row_scale=None):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[1 - dim],), dtype=torch.float32)
 
 

@@ -230,12 +230,18 @@ def unpack_mask_into(packed: torch.Tensor, value: Optional[torch.Tensor], out: t
 # finite (it holds NaN/Inf) gets codes 0.
 
 
-def int8_quantize(x: torch.Tensor, dim: int, seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of ``exactq::int8_quantize``: returns (int8 codes shaped like ``x``, float32 scales)."""
+def int8_quantize(x: torch.Tensor, dim: int, seed: Optional[int] = None,
+                  row_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``exactq::int8_quantize``: returns (int8 codes shaped like ``x``, float32 scales) of
+    ``x``, or of ``x * row_scale[:, None]`` (float32 products) when ``row_scale`` is given."""
     if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16) or dim not in (0, 1):
         raise ValueError(f"int8_quantize needs a 2-D float32/bfloat16 tensor and dim 0 or 1, got "
                          f"{x.dim()}-D {x.dtype}, dim={dim}")
+    if row_scale is not None and (row_scale.shape != (x.shape[0],) or row_scale.dtype != torch.float32):
+        raise ValueError(f"int8_quantize's row_scale must be float32 of x.size(0) = {x.shape[0]} elements")
     xf = x.detach().float()
+    if row_scale is not None:
+        xf = xf * row_scale.unsqueeze(1)
     scale = xf.abs().amax(dim) / torch.tensor(127.0)
     s = scale.unsqueeze(dim)
     t = torch.clamp(xf / s, -127.0, 127.0)

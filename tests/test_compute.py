@@ -37,16 +37,21 @@ def _special(x):
 
 # ---- kernels ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("row_scaled", [False, True], ids=["", "row_scale"])
 @pytest.mark.parametrize("seed", [None, 123], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (37, 21), (300, 64), (1000, 130)], ids=str)
-def test_int8_quantize_equals_reference(device, shape, dtype, dim, seed):
+def test_int8_quantize_equals_reference(device, shape, dtype, dim, seed, row_scaled):
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
     if shape[0] > 10 and shape[1] > 10:
         x = _special(x)
-    q, s = _ops.int8_quantize(x.to(device), dim, seed)
-    rq, rs = reference.int8_quantize(x, dim, seed)
+    # Codes of x * row_scale[:, None]: zero, tiny and huge multipliers among them.
+    r = torch.rand(shape[0], generator=torch.Generator().manual_seed(2)) * 10 if row_scaled else None
+    if r is not None and shape[0] > 3:
+        r[:3] = torch.tensor([0.0, 1e-30, 1e30])
+    q, s = _ops.int8_quantize(x.to(device), dim, seed, r.to(device) if r is not None else None)
+    rq, rs = reference.int8_quantize(x, dim, seed, r)
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (shape[1 - dim],)
     assert torch.equal(q.cpu(), rq)
     assert torch.equal(s.cpu().isnan(), rs.isnan()) and torch.equal(s.cpu().nan_to_num(), rs.nan_to_num())
@@ -135,6 +140,7 @@ def test_opcheck(device):
     cases = [
         (_ops.int8_quantize, (x, 0, None)),
         (_ops.int8_quantize, (x.bfloat16(), 1, 7)),
+        (_ops.int8_quantize, (x, 0, 7, torch.rand(15, device=device))),
         (_ops.int8_spmm, (crow, col, w, q, s, None)),
         (_ops.int8_spmm, (crow, col, None, q, s, torch.rand(20, device=device))),
         (_ops.int8_gemm_epilogue, (acc, torch.rand(6, device=device), torch.rand(4, device=device), None)),
@@ -149,6 +155,7 @@ def test_opcheck(device):
     (lambda: _ops.int8_quantize(torch.randn(2, 3, 4), 0), "2-D tensor"),
     (lambda: _ops.int8_quantize(torch.randn(2, 3).double(), 0), "float32 or bfloat16"),
     (lambda: _ops.int8_quantize(torch.randn(2, 3), 2), "dim must be 0"),
+    (lambda: _ops.int8_quantize(torch.randn(2, 3), 0, None, torch.ones(3)), "row_scale must be a contiguous float32"),
     (lambda: _ops.int8_spmm(torch.tensor([0, 1]), torch.tensor([5]), None, torch.zeros(3, 2, dtype=torch.int8),
                             torch.ones(2), None), "every col index"),
     (lambda: _ops.int8_spmm(torch.tensor([1, 1]), torch.tensor([0]), None, torch.zeros(3, 2, dtype=torch.int8),

@@ -32,24 +32,30 @@ constexpr int64_t kPrefetch = 8;  // edges ahead
 
 // ---- quantize (float32 input; bfloat16 is widened once by the caller) ----------------------------
 
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void column_absmax(const float* x, int64_t r0,
-                                                                                  int64_t r1, int64_t C, uint32_t* m) {
+// ``rs``: an optional multiplier per row; the values quantized are then the float32 products x * rs[i]
+// (x * 1.0f == x bit for bit, so one code path serves both).
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void column_absmax(const float* x, const float* rs,
+                                                                                  int64_t r0, int64_t r1, int64_t C,
+                                                                                  uint32_t* m) {
   for (int64_t i = r0; i < r1; ++i) {
     const float* xr = x + i * C;
+    const float r = rs != nullptr ? rs[i] : 1.0f;
     for (int64_t c = 0; c < C; ++c) {
-      const uint32_t b = abs_bits(xr[c]);
+      const uint32_t b = abs_bits(xr[c] * r);
       m[c] = b > m[c] ? b : m[c];
     }
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void row_scales(const float* x, int64_t r0,
-                                                                               int64_t r1, int64_t C, float* scale) {
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void row_scales(const float* x, const float* rs,
+                                                                               int64_t r0, int64_t r1, int64_t C,
+                                                                               float* scale) {
   for (int64_t i = r0; i < r1; ++i) {
     const float* xr = x + i * C;
+    const float r = rs != nullptr ? rs[i] : 1.0f;
     uint32_t m = 0;
     for (int64_t c = 0; c < C; ++c) {
-      const uint32_t b = abs_bits(xr[c]);
+      const uint32_t b = abs_bits(xr[c] * r);
       m = b > m ? b : m;
     }
     scale[i] = int8_scale(m);
@@ -92,13 +98,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t stochastic_codes_av
 // element i * C + c needs the upper 32 index bits only once per row (unless the row straddles a multiple
 // of 2^32), so the inner loop is 32-bit integer and float work that vectorises.
 template <bool STOCHASTIC>
-__attribute__((always_inline)) inline void codes_body(const float* x, int64_t r0, int64_t r1, int64_t C,
-                                                      const float* scale, bool per_row, RngKeys keys,
+__attribute__((always_inline)) inline void codes_body(const float* x, const float* rs, int64_t r0, int64_t r1,
+                                                      int64_t C, const float* scale, bool per_row, RngKeys keys,
                                                       int8_t* q) {
   std::vector<float> draws(STOCHASTIC ? C : 0);
   float* __restrict u = draws.data();
+  std::vector<float> scaled(rs != nullptr ? C : 0);  // the row's products x * rs[i], made in cache
   for (int64_t i = r0; i < r1; ++i) {
     const float* __restrict xr = x + i * C;
+    if (rs != nullptr) {
+      const float r = rs[i];
+      for (int64_t c = 0; c < C; ++c) scaled[c] = xr[c] * r;
+      xr = scaled.data();
+    }
     int8_t* __restrict qr = q + i * C;
     const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(C);
     const bool straddles = C > 0 && (base >> 32) != ((base + static_cast<uint64_t>(C) - 1) >> 32);
@@ -133,24 +145,27 @@ __attribute__((always_inline)) inline void codes_body(const float* x, int64_t r0
 }
 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void codes_nearest(
-    const float* x, int64_t r0, int64_t r1, int64_t C, const float* scale, bool per_row, RngKeys keys, int8_t* q) {
-  codes_body<false>(x, r0, r1, C, scale, per_row, keys, q);
+    const float* x, const float* rs, int64_t r0, int64_t r1, int64_t C, const float* scale, bool per_row, RngKeys keys,
+    int8_t* q) {
+  codes_body<false>(x, rs, r0, r1, C, scale, per_row, keys, q);
 }
 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void codes_stochastic(
-    const float* x, int64_t r0, int64_t r1, int64_t C, const float* scale, bool per_row, RngKeys keys, int8_t* q) {
-  codes_body<true>(x, r0, r1, C, scale, per_row, keys, q);
+    const float* x, const float* rs, int64_t r0, int64_t r1, int64_t C, const float* scale, bool per_row, RngKeys keys,
+    int8_t* q) {
+  codes_body<true>(x, rs, r0, r1, C, scale, per_row, keys, q);
 }
 
-void int8_quantize_impl(const float* xp, int64_t N, int64_t C, int64_t dim, bool stoch, RngKeys keys, float* sp,
-                        int8_t* qp) {
+void int8_quantize_impl(const float* xp, const float* rs, int64_t N, int64_t C, int64_t dim, bool stoch, RngKeys keys,
+                        float* sp, int8_t* qp) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1));
   if (dim == 0) {
     // Column maxima: one partial row of maxima per task, combined in task order (a max is exact).
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, N / grain));
     std::vector<uint32_t> partial(static_cast<size_t>(tasks * C), 0u);
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) column_absmax(xp, N * t / tasks, N * (t + 1) / tasks, C, partial.data() + t * C);
+      for (int64_t t = t0; t < t1; ++t)
+        column_absmax(xp, rs, N * t / tasks, N * (t + 1) / tasks, C, partial.data() + t * C);
     });
     for (int64_t c = 0; c < C; ++c) {
       uint32_t m = 0;
@@ -158,16 +173,17 @@ void int8_quantize_impl(const float* xp, int64_t N, int64_t C, int64_t dim, bool
       sp[c] = int8_scale(m);
     }
   } else {
-    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { row_scales(xp, r0, r1, C, sp); });
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { row_scales(xp, rs, r0, r1, C, sp); });
   }
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    (stoch ? codes_stochastic : codes_nearest)(xp, r0, r1, C, sp, dim == 1, keys, qp);
+    (stoch ? codes_stochastic : codes_nearest)(xp, rs, r0, r1, C, sp, dim == 1, keys, qp);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& x_in, int64_t dim,
-                                                     std::optional<int64_t> seed) {
-  check_int8_quantize_input(x_in, dim);
+                                                     std::optional<int64_t> seed,
+                                                     const std::optional<at::Tensor>& row_scale) {
+  check_int8_quantize_input(x_in, dim, row_scale);
   const at::Tensor x = x_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1);
   at::Tensor q = at::empty({N, C}, x.options().dtype(at::kChar));
@@ -177,7 +193,8 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& x_in, int
   int8_t* qp = q.data_ptr<int8_t>();
   // bfloat16 widens to float32 exactly; one conversion pass keeps a single (vectorised) code path.
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  int8_quantize_impl(xf.const_data_ptr<float>(), N, C, dim, seed.has_value(), keys, sp, qp);
+  const float* rs = row_scale.has_value() ? row_scale->const_data_ptr<float>() : nullptr;
+  int8_quantize_impl(xf.const_data_ptr<float>(), rs, N, C, dim, seed.has_value(), keys, sp, qp);
   return {q, scale};
 }
 

@@ -35,21 +35,29 @@ __device__ __forceinline__ float load_float(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
+// Element i of the values quantized: x[i], or the float32 product x[i] * rs[row] with a row multiplier.
 template <typename T>
-__global__ void column_absmax_kernel(const T* __restrict__ x, int64_t n, int64_t C, unsigned int* __restrict__ m) {
+__device__ __forceinline__ float load_scaled(const T* x, const float* rs, int64_t i, int64_t C) {
+  return rs != nullptr ? __fmul_rn(load_float(x, i), rs[i / C]) : load_float(x, i);
+}
+
+template <typename T>
+__global__ void column_absmax_kernel(const T* __restrict__ x, const float* __restrict__ rs, int64_t n, int64_t C,
+                                     unsigned int* __restrict__ m) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n * C;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    atomicMax(m + (i % C), abs_bits(load_float(x, i)));
+    atomicMax(m + (i % C), abs_bits(load_scaled(x, rs, i, C)));
   }
 }
 
 template <typename T>
-__global__ void row_absmax_kernel(const T* __restrict__ x, int64_t n, int64_t C, unsigned int* __restrict__ m) {
+__global__ void row_absmax_kernel(const T* __restrict__ x, const float* __restrict__ rs, int64_t n, int64_t C,
+                                  unsigned int* __restrict__ m) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; r < n; r += warps) {
     unsigned int v = 0;
-    for (int64_t c = lane; c < C; c += 32) v = max(v, abs_bits(load_float(x, r * C + c)));
+    for (int64_t c = lane; c < C; c += 32) v = max(v, abs_bits(load_scaled(x, rs, r * C + c, C)));
     for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_down_sync(0xffffffffu, v, o));
     if (lane == 0) m[r] = v;
   }
@@ -62,19 +70,21 @@ __global__ void scales_kernel(const unsigned int* __restrict__ m, int64_t k, flo
 }
 
 template <typename T>
-__global__ void codes_kernel(const T* __restrict__ x, int64_t n, int64_t C, const float* __restrict__ scale,
-                             bool per_row, bool stochastic, RngKeys keys, int8_t* __restrict__ q) {
+__global__ void codes_kernel(const T* __restrict__ x, const float* __restrict__ rs, int64_t n, int64_t C,
+                             const float* __restrict__ scale, bool per_row, bool stochastic, RngKeys keys,
+                             int8_t* __restrict__ q) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n * C;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float s = per_row ? scale[i / C] : scale[i % C];
     const float u = stochastic ? uniform_at(keys, static_cast<uint64_t>(i)) : 0.0f;
-    q[i] = int8_code(load_float(x, i), s, stochastic, u);
+    q[i] = int8_code(load_scaled(x, rs, i, C), s, stochastic, u);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> int8_quantize_cuda(const at::Tensor& x_in, int64_t dim,
-                                                      std::optional<int64_t> seed) {
-  check_int8_quantize_input(x_in, dim);
+                                                      std::optional<int64_t> seed,
+                                                      const std::optional<at::Tensor>& row_scale) {
+  check_int8_quantize_input(x_in, dim, row_scale);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.size(0), C = x.size(1), k = dim == 0 ? C : n;
@@ -84,12 +94,13 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cuda(const at::Tensor& x_in, in
   auto* mp = reinterpret_cast<unsigned int*>(m.data_ptr<int32_t>());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const RngKeys keys = make_keys(seed.value_or(0));
+  const float* rs = row_scale.has_value() ? row_scale->const_data_ptr<float>() : nullptr;
   auto run = [&](auto* xp) {
     if (n * C > 0) {
       if (dim == 0) {
-        column_absmax_kernel<<<blocks_for(n * C, kThreads), kThreads, 0, stream>>>(xp, n, C, mp);
+        column_absmax_kernel<<<blocks_for(n * C, kThreads), kThreads, 0, stream>>>(xp, rs, n, C, mp);
       } else {
-        row_absmax_kernel<<<blocks_for(n, kThreads / 32), kThreads, 0, stream>>>(xp, n, C, mp);
+        row_absmax_kernel<<<blocks_for(n, kThreads / 32), kThreads, 0, stream>>>(xp, rs, n, C, mp);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -97,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cuda(const at::Tensor& x_in, in
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (n * C > 0) {
       codes_kernel<<<blocks_for(n * C, kThreads), kThreads, 0, stream>>>(
-          xp, n, C, scale.data_ptr<float>(), dim == 1, seed.has_value(), keys, q.data_ptr<int8_t>());
+          xp, rs, n, C, scale.data_ptr<float>(), dim == 1, seed.has_value(), keys, q.data_ptr<int8_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   };

@@ -11,8 +11,9 @@ Rules, stated once (tests/test_compute.py checks each):
   steps as exactq's storage does.
 * A sparse product needs no saved activation at all (its backward reads only the adjacency). A linear
   layer's input: with ``bits`` = 8 the int8 codes its forward product ran on are what is stored (Tango's
-  cached copies: nothing quantized again; its row scales move onto the gradient, so the weights'
-  gradient is, in expectation, exactly that of the product that ran); with ``bits`` < 8 it is handed
+  cached copies: nothing quantized again; its row scales move onto the gradient, multiplied in by the
+  gradient's own quantize kernel, so the weights' gradient is, in expectation, exactly that of the
+  product that ran); with ``bits`` < 8 it is handed
   to the session's storage (``stash``), kept at ``bits`` and quantized to int8 again in backward.
 * An attention aggregation (GAT: per-head weights that need a gradient) keeps its weights exactly and
   hands its features to ``stash``; its weights' gradient is an int8 SDDMM (``exactq::int8_sddmm``), so
@@ -86,8 +87,9 @@ def _finite(scale: torch.Tensor) -> bool:
     return bool(torch.isfinite(scale).all())
 
 
-def _quantize(x: torch.Tensor, dim: int, seed: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _ops.int8_quantize(x.contiguous(), dim, seed)
+def _quantize(x: torch.Tensor, dim: int, seed: Optional[int] = None,
+              row_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _ops.int8_quantize(x.contiguous(), dim, seed, row_scale)
 
 
 # ---- sparse x dense ------------------------------------------------------------------------------------
@@ -325,7 +327,7 @@ class _Int8Linear(torch.autograd.Function):
             saved = ctx.x.restore()
             if isinstance(saved, tuple):  # the forward's own codes: x's row scales move onto the gradient
                 xq, row_scale = saved
-                gq, gscale = _quantize(g * row_scale.unsqueeze(1), 0, hooks.seed())
+                gq, gscale = _quantize(g, 0, hooks.seed(), row_scale)  # codes of g * row_scale, in one pass
                 xscale = torch.ones(xq.shape[1], device=xq.device)
             else:
                 gq, gscale = _quantize(g, 0, hooks.seed())
