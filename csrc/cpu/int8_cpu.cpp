@@ -173,10 +173,19 @@ void int8_quantize_impl(const float* xp, const float* rs, int64_t N, int64_t C, 
       sp[c] = int8_scale(m);
     }
   } else {
-    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { row_scales(xp, rs, r0, r1, C, sp); });
+    // A row's scale needs only the row: scales and codes of each grain of rows in turn, while it is in cache
+    // (one pass over x instead of two).
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t b0 = r0; b0 < r1; b0 += grain) {
+        const int64_t b1 = std::min(r1, b0 + grain);
+        row_scales(xp, rs, b0, b1, C, sp);
+        (stoch ? codes_stochastic : codes_nearest)(xp, rs, b0, b1, C, sp, true, keys, qp);
+      }
+    });
+    return;
   }
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    (stoch ? codes_stochastic : codes_nearest)(xp, rs, r0, r1, C, sp, dim == 1, keys, qp);
+    (stoch ? codes_stochastic : codes_nearest)(xp, rs, r0, r1, C, sp, false, keys, qp);
   });
 }
 
