@@ -13,8 +13,8 @@ Rules, stated once (tests/test_compute.py checks each):
   layer's input: with ``bits`` = 8 the int8 codes its forward product ran on are what is stored (Tango's
   cached copies: nothing quantized again; its row scales move onto the gradient, multiplied in by the
   gradient's own quantize kernel, so the weights' gradient is, in expectation, exactly that of the
-  product that ran); with ``bits`` < 8 it is handed
-  to the session's storage (``stash``), kept at ``bits`` and quantized to int8 again in backward.
+  product that ran); with ``bits`` < 8 it is handed to the session's storage (``stash``), kept at
+  ``bits`` and quantized to int8 again in backward.
 * An attention aggregation (GAT: per-head weights that need a gradient) keeps its weights exactly and
   hands its features to ``stash``; its weights' gradient is an int8 SDDMM (``exactq::int8_sddmm``), so
   no per-edge message is ever materialised or saved.
