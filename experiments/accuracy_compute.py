@@ -5,8 +5,8 @@
 
 Cora and CiteSeer (../shared/datasets): GCN, GraphSAGE and GIN (or the --models given; also GAT) 2 x 64,
 dropout 0.5, 100 epochs. The arxiv-scale learnable synthetic graph (169,343 nodes, 128 features, 2.3 M
-edges, 40 classes, signal 1.0): the same models 3 x 128 with batch norm, 12 epochs. Every run aggregates over a torch.sparse CSR adjacency
-(the path int8 serves); fp32 and int8 runs of a seed start from the same weights. Test accuracy at the best
+edges, 40 classes, signal 1.0): the same models 3 x 128 with batch norm, 12 epochs. Every run aggregates
+over a torch.sparse CSR adjacency (the path int8 serves); fp32 and int8 runs of a seed start from the same weights. Test accuracy at the best
 validation epoch; gap = mean of the per-seed differences +- its standard error. Writes
 results/accuracy_compute{,_quick}.{md,csv,png}.
 """

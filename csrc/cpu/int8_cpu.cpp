@@ -159,20 +159,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void codes_s
 void int8_quantize_impl(const float* xp, const float* rs, int64_t N, int64_t C, int64_t dim, bool stoch, RngKeys keys,
                         float* sp, int8_t* qp) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1));
-  if (dim == 0) {
-    // Column maxima: one partial row of maxima per task, combined in task order (a max is exact).
-    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, N / grain));
-    std::vector<uint32_t> partial(static_cast<size_t>(tasks * C), 0u);
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        column_absmax(xp, rs, N * t / tasks, N * (t + 1) / tasks, C, partial.data() + t * C);
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      uint32_t m = 0;
-      for (int64_t t = 0; t < tasks; ++t) m = std::max(m, partial[t * C + c]);
-      sp[c] = int8_scale(m);
-    }
-  } else {
+  if (dim == 1) {
     // A row's scale needs only the row: scales and codes of each grain of rows in turn, while it is in cache
     // (one pass over x instead of two).
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
@@ -183,6 +170,18 @@ void int8_quantize_impl(const float* xp, const float* rs, int64_t N, int64_t C, 
       }
     });
     return;
+  }
+  // Column maxima: one partial row of maxima per task, combined in task order (a max is exact).
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, N / grain));
+  std::vector<uint32_t> partial(static_cast<size_t>(tasks * C), 0u);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      column_absmax(xp, rs, N * t / tasks, N * (t + 1) / tasks, C, partial.data() + t * C);
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    uint32_t m = 0;
+    for (int64_t t = 0; t < tasks; ++t) m = std::max(m, partial[t * C + c]);
+    sp[c] = int8_scale(m);
   }
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
     (stoch ? codes_stochastic : codes_nearest)(xp, rs, r0, r1, C, sp, false, keys, qp);
