@@ -404,7 +404,7 @@ class HookEngine:
 
     def _settle_node(self, node: Any, values: Dict[str, Any], handles: Dict[str, List[_Packed]]) -> None:
         node_name = type(node).__name__
-        rule = rules.node_rule(node)
+        rule = rules.node_rule(node, values)
         if rule is not None and any(isinstance(f, rules.Zero) for f in rule.values()):
             # Winners are restored against a result restored as zeros: all of them or none.
             if not all(k in handles for k, f in rule.items() if isinstance(f, rules.Zero)):

@@ -98,6 +98,7 @@ SIGN = Keep("backward uses its sign or compares it: rounding near zero flips it"
 INDEX = Keep("backward selects or compares with it")
 LINALG = Keep("matrix factorisation: backward solves with the factors, so rounding is amplified")
 CUSTOM = Keep("custom autograd Function: exactq cannot see how its backward uses what it saves")
+SQUARE = Keep("operand of a square: a variance E[x^2] - E[x]^2 cancels its gradient against the mean's")
 UNKNOWN = Keep("its node was not found from the op's outputs (e.g. an in-place op on a view)")
 
 
@@ -169,11 +170,22 @@ def _index_reduce_value(values: Mapping[str, torch.Tensor], node: Any) -> torch.
     return values["result"].index_select(node._saved_dim, values["index"])
 
 
-def _layer_norm_rule(node: Any) -> Dict[str, Form]:
+def _layer_norm_rule(node: Any, values: Mapping[str, Any]) -> Dict[str, Form]:
     row = math.prod(node._saved_normalized_shape)
     if row < 16:  # a row this short can be flat next to its mean's bf16 precision: divided by ~sqrt(eps)
         return {"input": Keep("layer norm over fewer than 16 elements"), "result1": STATS, "result2": STATS}
     return {"input": Quantize(normal_like=True, block_size=row), "result1": STATS, "result2": STATS}
+
+
+def _square_rule(node: Any, values: Mapping[str, Any]) -> Dict[str, Form]:
+    """``x * x`` (one tensor saved as both operands): kept. In a variance ``E[x^2] - E[x]^2`` (PyG's
+    std/var aggregations, PNA) the gradient ``2 x g`` cancels against the mean's ``2 mean g`` down to
+    ``2 (x - mean) g``, which the std's ``1 / (2 std)`` then scales up: independent rounding of ``x``
+    and of the mean leaves the full rounding error where the true term is near zero."""
+    a, b = values.get("self"), values.get("other")
+    same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.layout == b.layout == torch.strided
+            and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
+    return {"self": SQUARE, "other": SQUARE} if same else {}
 
 
 _AMAX = {"self": Winners(_reduced_result), "result": Zero()}
@@ -184,7 +196,7 @@ def _reduce_rule(source: str, value: Callable[[Mapping[str, torch.Tensor], Any],
     """``scatter_reduce`` / ``index_reduce``: amax/amin compare ``self`` with the result and ``source``
     with ``value`` (the result gathered back to it); prod divides by them."""
 
-    def rule(node: Any) -> Dict[str, Form]:
+    def rule(node: Any, values: Mapping[str, Any]) -> Dict[str, Form]:
         if node._saved_reduce in ("amax", "amin"):
             return {"self": Winners(lambda v, n: v["result"]), source: Winners(value), "result": Zero()}
         if node._saved_reduce == "prod":
@@ -194,9 +206,9 @@ def _reduce_rule(source: str, value: Callable[[Mapping[str, torch.Tensor], Any],
     return rule
 
 
-# node name -> {field: form}, or a function of the node giving that dict. Fields not listed are
-# quantized; built-in nodes not listed too. Entries are grouped by why.
-RULES: Dict[str, Union[Dict[str, Form], Callable[[Any], Dict[str, Form]]]] = {
+# node name -> {field: form}, or a function of the node and its saved values giving that dict. Fields
+# not listed are quantized; built-in nodes not listed too. Entries are grouped by why.
+RULES: Dict[str, Union[Dict[str, Form], Callable[[Any, Mapping[str, Any]], Dict[str, Form]]]] = {
     # Matrix products: operands used linearly (projection allowed). A constant sparse A in A @ X needs
     # X only for A's gradient.
     "MmBackward0": {"self": LINEAR, "mat2": Unneeded(0, LINEAR)},
@@ -233,6 +245,9 @@ RULES: Dict[str, Union[Dict[str, Form], Callable[[Any], Dict[str, Form]]]] = {
     "NanmedianBackward0": _EVEN,
     "ScatterReduceBackward0": _reduce_rule("src", _scatter_value),
     "IndexReduceBackward0": _reduce_rule("source", _index_reduce_value),
+    # Squares, as variances use them (found on PNA, not by the sweep: each op alone is smooth).
+    "MulBackward0": _square_rule,
+    "PowBackward0": lambda node, values: {"self": SQUARE} if float(node._saved_exponent) == 2.0 else {},
     # Found by the OpInfo sweep (relative gradient error above 0.05 at 8 bits, or non-finite where
     # fp32 is finite): backwards that compare, select or divide.
     "ClampBackward0": {"self": SIGN, "min": SIGN, "max": SIGN},
@@ -260,13 +275,14 @@ RULES: Dict[str, Union[Dict[str, Form], Callable[[Any], Dict[str, Form]]]] = {
 }
 
 
-def node_rule(node: Any) -> Optional[Dict[str, Form]]:
+def node_rule(node: Any, values: Optional[Mapping[str, Any]] = None) -> Optional[Dict[str, Form]]:
     """The forms for ``node``'s saved fields (missing fields: quantized), or ``None`` for a custom
-    autograd Function, whose backward exactq cannot read (all its saved tensors are kept)."""
+    autograd Function, whose backward exactq cannot read (all its saved tensors are kept). ``values``:
+    the fields' tensors as saved (a rule may depend on them, e.g. a square's two operands being one)."""
     if _is_custom(node):
         return None
     rule = RULES.get(type(node).__name__, {})
-    return rule(node) if callable(rule) else rule
+    return rule(node, values or {}) if callable(rule) else rule
 
 
 def _is_custom(node: Any) -> bool:

@@ -155,6 +155,42 @@ def test_max_aggregation_models_close_to_fp32(name):
     assert _rel(got, ref) < 0.05, f"{name}: relative gradient error {_rel(got, ref):.4f}"
 
 
+@pytest.mark.parametrize("form", ["std_aggregation", "mul", "pow"])
+def test_variances_from_squares_give_fp32_gradients_at_int2(form):
+    # E[x^2] - E[x]^2 cancels the square's gradient against the mean's; with both rounded, PNA's std
+    # aggregator gave parameter gradients 7x their own norm off at INT2. Squares are kept, and every
+    # other field here is stored exactly (clamp bits, sqrt result, masks), so the gradient is fp32's.
+    from torch_geometric.nn.aggr import StdAggregation
+
+    torch.manual_seed(0)
+    w = torch.randn(3000, 32, requires_grad=True)
+    index = torch.randint(0, 300, (3000,))
+    scale = torch.linspace(0.01, 3, 32)
+
+    def run(ctx):
+        w.grad = None
+        with ctx:
+            x = (w * scale).relu() + 0.5 * w  # an activation, not the leaf; a few near-constant groups
+            if form == "std_aggregation":
+                out = StdAggregation()(x, index, dim_size=300)
+            else:
+                sq = x * x if form == "mul" else x.pow(2)
+                m = torch.zeros(300, 32).index_add(0, index, x) / 10
+                out = (torch.zeros(300, 32).index_add(0, index, sq) / 10 - (m * m if form == "mul" else m.pow(2)))
+                out = out.clamp(min=1e-5).sqrt()
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        return w.grad.clone()
+
+    ref = run(contextlib.nullcontext())
+    got = run(exactq.compress(bits=2, min_numel=0, seed=0))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    session = exactq.compress(bits=2, min_numel=0, seed=0)
+    with session:
+        x = (w * scale).relu() + 0.5 * w
+        _ = x * x
+    assert any("square" in reason for reason in session.report().kept)
+
+
 def test_wrapped_model_survives_deepcopy_save_load_and_state_dict(tmp_path):
     torch.manual_seed(0)
     model = exactq.wrap(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)),
