@@ -34,17 +34,18 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
 from . import functional as EF
 from . import report as R
 from . import rules
 from .config import Config
+from .gather import GatherLog, Recipe
 from .memory import arg_storages as _arg_storages
 from .memory import arg_tensors as _arg_tensors
 from .memory import has_storage as _has_storage
 from .memory import sparse_parts as _sparse_parts
+from .memory import StorageKeyed
 from .memory import storage_id as _storage_id
 
 _FLOATS = set(EF.FLOAT_DTYPES)
@@ -102,36 +103,17 @@ def _saved_fields(node_type: type) -> Tuple[str, ...]:
     return tuple(a[len("_raw_saved_"):] for a in dir(node_type) if a.startswith("_raw_saved_"))
 
 
-class _StorageKeyed:
-    """A dict whose entries are valid only while the storage they were made for is alive (an address
-    can be reused by a new storage once the old one is freed). Expired entries are pruned as it grows."""
-
-    def __init__(self) -> None:
-        self._d: Dict[tuple, Tuple[StorageWeakRef, Any]] = {}
-        self._prune_at = 1024
-
-    def get(self, key: tuple) -> Any:
-        hit = self._d.get(key)
-        return hit[1] if hit is not None and not hit[0].expired() else None
-
-    def put(self, key: tuple, t: torch.Tensor, value: Any) -> None:
-        self._d[key] = (StorageWeakRef(t.untyped_storage()), value)
-        if len(self._d) >= self._prune_at:
-            self._d = {k: v for k, v in self._d.items() if not v[0].expired()}
-            self._prune_at = max(1024, 2 * len(self._d))
-
-
 class OpTracker(TorchFunctionMode):
     """Tracks the op being executed and the storages produced without autograd history, and calls
-    ``on_op_end(outputs, nodes_before)`` as each op returns (``nodes_before``: its arguments'
-    ``grad_fn`` before it ran)."""
+    ``on_op_end(func, args, kwargs, outputs, nodes_before)`` as each op returns (``nodes_before``: its
+    arguments' ``grad_fn`` before it ran)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.current: Optional[Callable] = None
         self.current_args: Optional[Tuple[Any, Any]] = None
-        self.on_op_end: Optional[Callable[[tuple, list], None]] = None
-        self._produced = _StorageKeyed()
+        self.on_op_end: Optional[Callable[[Callable, tuple, dict, tuple, list], None]] = None
+        self._produced = StorageKeyed()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -157,7 +139,7 @@ class OpTracker(TorchFunctionMode):
             for o in fresh:
                 self._note_output(o, existing)
         if self.on_op_end is not None:
-            self.on_op_end(outs, before)
+            self.on_op_end(func, args, kwargs, outs, before)
         return out
 
     def _note_output(self, out: torch.Tensor, existing: set) -> None:
@@ -273,10 +255,14 @@ class HookEngine:
         self._calls = 0
         self._pending: List[_Packed] = []
         self._probe: Optional[List[_Packed]] = None  # handles unpacked while a node's field is read
-        # Keyed on (storage id, offset, shape, stride, dtype, version): tensors already counted, and
-        # (plus the storage form) weak references to packed copies that identical saves can share.
-        self._counted = _StorageKeyed()
-        self._shared = _StorageKeyed()
+        # Bytes already counted per storage: of every saved tensor (original) and of those kept as they
+        # are (stored). Keyed on (storage id, offset, shape, stride, dtype, version), plus the storage
+        # form: weak references to packed copies that identical saves can share.
+        self._counted = StorageKeyed()
+        self._kept = StorageKeyed()
+        self._shared = StorageKeyed()
+        self.gathers = GatherLog()
+        self._sources = StorageKeyed()  # stored sources of gathered tensors, shared by all their gathers
         self._buffers_ref: Callable[[], Optional[_RestoreBuffers]] = lambda: None
         tracker.on_op_end = self._op_end
 
@@ -344,7 +330,9 @@ class HookEngine:
         return packed.restore()
 
     # -- learning each pending tensor's node ------------------------------------------------------
-    def _op_end(self, outs: tuple, before: list) -> None:
+    def _op_end(self, func: Callable, args: tuple, kwargs: dict, outs: tuple, before: list) -> None:
+        if len(outs) == 1:
+            self.gathers.note(func, args, kwargs, outs[0])
         if not self._pending or not self._innermost():
             return  # nothing saved, or saved into other hooks (e.g. a checkpointed region's)
         # The op's new nodes hang off its outputs, down to the nodes that existed before it.
@@ -441,6 +429,8 @@ class HookEngine:
             return self._store_kept(h, t, saved, f"small (fewer than min_numel={self.config.min_numel} elements)")
         if t.untyped_storage().nbytes() < t.numel() * t.element_size():
             return self._store_kept(h, t, saved, "overlapping memory (an expanded view)")
+        if self._store_gathered(h, t, form, saved):
+            return
         if t.grad_fn is None and (h.op in _DROPOUT_OPS or _is_zero_or_one_value(t)):
             # Made inside the op without history, taking values 0 and v only: dropout's noise on CPU
             # (bernoulli(1 - p) / (1 - p), two-valued by construction), or checked to be so.
@@ -456,6 +446,65 @@ class HookEngine:
                 return self._share(h, t, saved, R.PROJECTED, (r,), lambda: self._project(t, r), _unproject)
         return self._share(h, t, saved, R.QUANTIZED, (form.normal_like, block),
                            lambda: self._quantize(t, form.normal_like, block), _dequantize)
+
+    def _store_gathered(self, h: _Packed, t: torch.Tensor, form: rules.Quantize, saved: str) -> bool:
+        """Store ``t`` as its sources and index if it is (a view of) a gather of rows, or of a
+        concatenation of gathers (:mod:`exactq.gather`), and that stores no more elements than ``t``:
+        sources that stay alive anyway are referenced, the others stored once for all their gathers,
+        with the most bits (up to 8) whose codes take no more than ``t``'s copies would at ``bits``."""
+        found = self.gathers.recipe(t)
+        if found is None:
+            return False
+        recipe, sources = found
+        inside = [not self._outlives_session(s) for s in sources]
+        elements = sum(s.numel() for s, i in zip(sources, inside) if i)
+        if elements > t.numel():
+            return False  # a few rows of a larger tensor: its copies take less
+        bits = max(b for b in EF.SUPPORTED_BITS if b * elements <= self.config.bits * t.numel())
+        key = self._key(t) + (R.GATHERED, form.normal_like)
+        if self._share_twin(h, t, saved, key):
+            return True
+        stored, new_bytes = [], 0
+        for s, i in zip(sources, inside):
+            if not i:
+                stored.append(_Referenced(s))
+                continue
+            source = self._store_source(s, form, bits)
+            if source is None:  # non-finite values: t is stored (or kept) as it is
+                return False
+            stored.append(source[0])
+            new_bytes += source[1]
+        # An index made in the forward is now held until backward (autograd holds it anyway where the
+        # gather itself needs a gradient; counted once either way).
+        new_bytes += sum(self._count_kept(i) for i in recipe.indices() if self.tracker.produced(i))
+        self.records.append(R.Record(R.GATHERED, h.op, self._count_original(t), new_bytes, saved))
+        h.settle((recipe, stored), functools.partial(_rebuild, self._buffers()))
+        self._shared.put(key, t, weakref.ref(h))
+        return True
+
+    def _outlives_session(self, t: torch.Tensor) -> bool:
+        """A parameter or input (or a view of one): alive anyway, so referencing it costs nothing."""
+        root = t._base if t._base is not None else t
+        return root.grad_fn is None and not self.tracker.produced(t)
+
+    def _store_source(self, s: torch.Tensor, form: rules.Quantize, bits: int) -> Optional[Tuple["_Source", int]]:
+        """``s`` stored as sparse or quantized at ``bits``, once per form: ``(source, bytes newly stored)``."""
+        key = self._key(s) + (form.normal_like, bits)
+        ref = self._sources.get(key)
+        shared = ref() if ref is not None else None
+        if shared is not None:
+            return shared, 0
+        block = self._block_size(s, form, bits)
+        payload = _sparse_if_smaller(s, (s.numel() * bits + 7) // 8 + -(-s.numel() // block) * 4)
+        if payload is not None:
+            source = _Source(payload, _unpack_sparse)
+        else:
+            payload = self._quantize(s, form.normal_like, block, bits)
+            if not bool(payload.stats.isfinite().all()):
+                return None
+            source = _Source(payload, _dequantize)
+        self._sources.put(key, s, weakref.ref(source))
+        return source, _payload_bytes(payload)
 
     def _store_bits(self, h: _Packed, t: torch.Tensor, form: rules.Bits, node: Any, saved: str) -> None:
         tv, fv = form.true_value(node), form.false_value(node)
@@ -482,12 +531,12 @@ class HookEngine:
         payload = (EF.pack_mask(~win), t.new_full((), math.nan))
         return self._store_once(h, t, saved, R.COMPARISON, payload, _unpack_mask)
 
-    def _block_size(self, t: torch.Tensor, form: rules.Quantize) -> int:
+    def _block_size(self, t: torch.Tensor, form: rules.Quantize, bits: Optional[int] = None) -> int:
         """The rule's block size, else the configured one, or one block per row where that pays for its
         statistics (:func:`exactq.functional.row_blocks_pay`)."""
         if form.block_size is not None or self.config.block_rows is not None:
             return form.block_size or self.config.block_size_for(t.shape)
-        if EF.row_blocks_pay(t, self.config.bits, self.config.block_size):
+        if EF.row_blocks_pay(t, bits or self.config.bits, self.config.block_size):
             return t.shape[-1]
         return self.config.block_size
 
@@ -533,10 +582,12 @@ class HookEngine:
         self._calls += 1
         return (self._seed + self._calls * _SEED_STEP) % (2**63 - 1)
 
-    def _quantize(self, t: torch.Tensor, normal_like: bool, block_size: Optional[int] = None) -> EF.QuantizedTensor:
+    def _quantize(self, t: torch.Tensor, normal_like: bool, block_size: Optional[int] = None,
+                  bits: Optional[int] = None) -> EF.QuantizedTensor:
+        bits = bits or self.config.bits
         block_size = block_size or self.config.block_size_for(t.shape)
-        nonuniform = self.config.nonuniform_for(normal_like)
-        return EF.quantize(t, self.config.bits, block_size, nonuniform, self._next_seed())
+        nonuniform = self.config.nonuniform_for(normal_like) and bits == 2
+        return EF.quantize(t, bits, block_size, nonuniform, self._next_seed())
 
     def _project(self, t: torch.Tensor, r: int) -> Tuple[EF.QuantizedTensor, int, torch.Size]:
         seed = self._next_seed()  # the projection is drawn again from it in backward: nothing else stored
@@ -547,36 +598,34 @@ class HookEngine:
     def _key(t: torch.Tensor) -> tuple:
         return (_storage_id(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
 
-    def _count_original(self, t: torch.Tensor) -> int:
-        """Bytes autograd would hold for ``t``: its size the first time the tensor is seen, else 0.
-        A sparse tensor is keyed on its values and pins the storages of its parts made in the
-        session (a CSR made from a COO adjacency may reuse the COO's values)."""
+    def _count_original(self, t: torch.Tensor, seen: Optional[StorageKeyed] = None) -> int:
+        """Bytes autograd would hold for ``t`` beyond what the tensors saved before it (in ``seen``, by
+        default every saved tensor) hold: per storage, the most any of its views pins, so views of one
+        storage (an index and its rows, expanded) count once. A sparse tensor pins the storages of
+        its parts made in the session (a CSR made from a COO adjacency may reuse the COO's values)."""
         if t.is_nested:  # no single strided storage to key on: counted each time it is saved
             return t.values().nbytes
-        parts = _sparse_parts(t) if t.layout != torch.strided else (t,)
-        if not parts:
-            return 0
-        key = self._key(parts[-1]) + (t.layout,)
-        if self._counted.get(key):
-            return 0
-        self._counted.put(key, parts[-1], True)
+        seen = self._counted if seen is None else seen
         if t.layout == torch.strided:
-            return _held_bytes(t)
-        new = [p for p in parts if t.grad_fn is not None or self.tracker.produced(p)]
-        return sum({_storage_id(p): p.untyped_storage().nbytes() for p in new}.values())
+            return _grow(seen, t, _held_bytes(t))
+        new = [p for p in _sparse_parts(t) if t.grad_fn is not None or self.tracker.produced(p)]
+        return sum(_grow(seen, p, p.untyped_storage().nbytes()) for p in new)
 
     def _keep_now(self, t: torch.Tensor, name: str, kind: str, reason: str = "") -> _Packed:
         packed = _Packed(t, t, _identity, op=name)
         if kind == R.EXTERNAL:
             self.records.append(R.Record(kind, name, 0, _held_bytes(t)))
         else:  # an activation stored as is, once, as autograd would store it
-            original = self._count_original(t)
-            self.records.append(R.Record(kind, name, original, original, reason=reason))
+            self.records.append(R.Record(kind, name, self._count_original(t), self._count_kept(t), reason=reason))
         return packed
 
+    def _count_kept(self, t: torch.Tensor) -> int:
+        """Bytes ``t`` pins once kept as it is: all of them the first time it is kept, even where it
+        was saved before in another form (a square's operand, quantized for another op), else 0."""
+        return self._count_original(t, self._kept)
+
     def _store_kept(self, h: _Packed, t: torch.Tensor, saved: str, reason: str) -> None:
-        original = self._count_original(t)
-        self.records.append(R.Record(R.UNCOMPRESSED, h.op, original, original, saved, reason))
+        self.records.append(R.Record(R.UNCOMPRESSED, h.op, self._count_original(t), self._count_kept(t), saved, reason))
         h.settle(t, _identity)
 
     def _store_nothing(self, h: _Packed, t: torch.Tensor, saved: str) -> None:
@@ -600,17 +649,33 @@ class HookEngine:
                restore: Callable[[_RestoreBuffers, Any], torch.Tensor]) -> None:
         """Store ``make()``, or share the payload of an identical save in the same form."""
         key = self._key(t) + (kind,) + form_key
-        ref = self._shared.get(key)
-        twin = ref() if ref is not None else None
-        if twin is not None and twin.pending is None:
-            self.records.append(R.Record(R.DEDUPLICATED, h.op, self._count_original(t), 0, saved))
-            h.settle(twin.payload, twin.restore_fn)
+        if self._share_twin(h, t, saved, key):
             return
         self._store_once(h, t, saved, kind, make(), restore)
         self._shared.put(key, t, weakref.ref(h))
 
+    def _share_twin(self, h: _Packed, t: torch.Tensor, saved: str, key: tuple) -> bool:
+        """Settle ``h`` with the payload of an identical save stored under ``key``, if there is one."""
+        ref = self._shared.get(key)
+        twin = ref() if ref is not None else None
+        if twin is None or twin.pending is not None:
+            return False
+        self.records.append(R.Record(R.DEDUPLICATED, h.op, self._count_original(t), 0, saved))
+        h.settle(twin.payload, twin.restore_fn)
+        return True
+
     def report(self) -> R.MemoryReport:
         return R.MemoryReport.from_records(self.records, self.compute_counts)
+
+
+def _grow(seen: StorageKeyed, t: torch.Tensor, nbytes: int) -> int:
+    """Raise ``t``'s storage's entry in ``seen`` to ``nbytes``; the bytes it grew by."""
+    key = (_storage_id(t),)
+    before = seen.get(key) or 0
+    if nbytes <= before:
+        return 0
+    seen.put(key, t, nbytes)
+    return nbytes - before
 
 
 _PLACEHOLDER = torch.empty(0)
@@ -719,6 +784,40 @@ def _unproject(pool: _RestoreBuffers, payload: Tuple[EF.QuantizedTensor, int, to
     y = EF.dequantize(q)  # r columns: small
     d = shape[-1]
     return EF.random_unproject(y, d, seed, out=pool.empty(y.shape[0] * d, y.dtype, y.device)).view(shape)
+
+
+class _Source:
+    """A gathered tensor's source as stored (sparse or quantized), shared by all its gathers."""
+
+    __slots__ = ("payload", "restore_fn", "__weakref__")
+
+    def __init__(self, payload: Any, restore_fn: Callable[[_RestoreBuffers, Any], torch.Tensor]) -> None:
+        self.payload, self.restore_fn = payload, restore_fn
+
+    def restore(self, pool: _RestoreBuffers) -> torch.Tensor:
+        return self.restore_fn(pool, self.payload)
+
+
+class _Referenced:
+    """A gathered tensor's source that stays alive anyway (an input or a parameter)."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.tensor, self.version = t, t._version
+
+    def restore(self, pool: _RestoreBuffers) -> torch.Tensor:
+        if self.tensor._version != self.version:  # the gathered rows would differ from those saved
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: the tensor rows were gathered from is at version {self.tensor._version}; "
+                f"expected version {self.version} instead (detected by exactq).")
+        return self.tensor
+
+
+def _rebuild(pool: _RestoreBuffers, payload: Tuple[Recipe, List[Any]]) -> torch.Tensor:
+    recipe, sources = payload
+    return recipe.build([s.restore(pool) for s in sources])
 
 
 def _payload_bytes(payload: Any) -> int:

@@ -5,7 +5,7 @@ measure activation memory as "memory held after forward minus memory held before
 from __future__ import annotations
 
 import resource
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -55,6 +55,25 @@ def arg_storages(args, kwargs) -> set:
         else:
             out.update(storage_id(p) for p in sparse_parts(a))
     return out
+
+
+class StorageKeyed:
+    """A dict whose entries are valid only while the storage they were made for is alive (an address
+    can be reused by a new storage once the old one is freed). Expired entries are pruned as it grows."""
+
+    def __init__(self) -> None:
+        self._d: Dict[tuple, Tuple[StorageWeakRef, Any]] = {}
+        self._prune_at = 1024
+
+    def get(self, key: tuple) -> Any:
+        hit = self._d.get(key)
+        return hit[1] if hit is not None and not hit[0].expired() else None
+
+    def put(self, key: tuple, t: torch.Tensor, value: Any) -> None:
+        self._d[key] = (StorageWeakRef(t.untyped_storage()), value)
+        if len(self._d) >= self._prune_at:
+            self._d = {k: v for k, v in self._d.items() if not v[0].expired()}
+            self._prune_at = max(1024, 2 * len(self._d))
 
 
 class LiveTensorMemory(TorchDispatchMode):

@@ -13,9 +13,11 @@ SIGN = "sign"  # output of ReLU-like op, only its sign kept (1 bit)
 COMPARISON = "comparison"  # only the comparison backward reads (max/min winners, clamp's range): 1 bit
 UNCOMPRESSED = "uncompressed"  # an activation kept as is (small, integer, sparse, or unsafe to round)
 EXTERNAL = "external"  # parameter or input that stays alive anyway: referenced, not copied
+GATHERED = "gathered"  # rows copied from another tensor by an index: its source and the index (held anyway)
 DEDUPLICATED = "deduplicated"  # saved before by another op in the same form: shared
 UNNEEDED = "unneeded"  # never read by backward (A @ X's X for a constant A; max's result): nothing stored
-KINDS = (QUANTIZED, PROJECTED, SPARSE, MASK, SIGN, COMPARISON, UNCOMPRESSED, EXTERNAL, DEDUPLICATED, UNNEEDED)
+KINDS = (QUANTIZED, PROJECTED, SPARSE, GATHERED, MASK, SIGN, COMPARISON, UNCOMPRESSED, EXTERNAL, DEDUPLICATED,
+         UNNEEDED)
 
 
 @dataclass(frozen=True)

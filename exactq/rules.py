@@ -11,6 +11,7 @@ way ``torch.autocast`` keeps its op lists. A field's form says what is stored:
   bit per element, restored to values that give the same comparison, so the gradient is exact.
 * :class:`Winners`: max/min-type reductions, whose backward finds the winners by ``input == result``:
   one bit per element (winner or not); the result itself needs nothing stored (:class:`Zero`).
+* :class:`Zero`: backward reads only the shape (``index_add``'s source) or compares it with winners.
 * :class:`Keep`: stored exactly, because the backward uses the value in a way rounding would break
   (a denominator near zero, a sign, an index) or because the op is unknown (custom autograd
   Functions: exactq cannot see how their backward uses what they save). The report counts these.
@@ -83,8 +84,8 @@ class Winners:
 
 @dataclass(frozen=True)
 class Zero:
-    """Read by backward only through :class:`Winners` comparisons of other fields: nothing stored,
-    restored as zeros."""
+    """Read by backward only for its shape, or through :class:`Winners` comparisons of other fields:
+    nothing stored, restored as zeros."""
 
 
 Form = Union[Keep, Quantize, Unneeded, Bits, Winners, Zero]
@@ -244,6 +245,8 @@ RULES: Dict[str, Union[Dict[str, Form], Callable[[Any, Mapping[str, Any]], Dict[
     "MedianBackward0": _EVEN,
     "NanmedianBackward0": _EVEN,
     "ScatterReduceBackward0": _reduce_rule("src", _scatter_value),
+    # Only the shape is read (the gradient is expanded to it).
+    "IndexAddBackward0": {"source": Zero()},
     "IndexReduceBackward0": _reduce_rule("source", _index_reduce_value),
     # Squares, as variances use them (found on PNA, not by the sweep: each op alone is smooth).
     "MulBackward0": _square_rule,

@@ -71,11 +71,23 @@ def test_int2_gradients_average_to_fp32_and_report_ratio(graph, name, norm, act)
     assert quantized.original_bytes / quantized.stored_bytes >= 10
 
 
-@pytest.mark.parametrize("name,adjacency", [("sage", "edge_index"), ("gcn", "torch.sparse")])
+@pytest.mark.parametrize("name,adjacency", [*((c[0], "edge_index") for c in MODEL_CASES), ("gcn", "torch.sparse"),
+                                            ("pna", "edge_index")])
 def test_report_agrees_with_measured_live_memory(graph, name, adjacency):
     """Stored bytes and fp32 bytes in the report vs an independent count of live tensor storage.
-    GCN on a sparse adjacency normalises it in every forward: autograd keeps those sparse tensors."""
-    model = _model(name, "batch_norm", "relu", graph)
+    GCN on a sparse adjacency normalises it in every forward: autograd keeps those sparse tensors.
+    PNA's std aggregator keeps its messages exactly (a square's operand) after they were stored for
+    min/max as winner bits; GAT saves an index and expanded views of it: each storage counts once."""
+    if name == "pna":
+        from torch_geometric.nn import PNA
+        from torch_geometric.utils import degree
+
+        torch.manual_seed(0)
+        deg = torch.bincount(degree(graph.edge_index[1], graph.num_nodes, dtype=torch.long))
+        model = PNA(graph.num_features, 64, 3, 4, aggregators=["mean", "min", "max", "std"],
+                    scalers=["identity", "amplification"], deg=deg, norm="batch_norm")
+    else:
+        model = _model(name, "batch_norm", "relu", graph)
     adj = graph.edge_index
     if adjacency == "torch.sparse":
         adj = to_torch_csr_tensor(graph.edge_index, size=(graph.num_nodes, graph.num_nodes))
@@ -482,3 +494,55 @@ def test_auto_levels_nonuniform_for_normalisation_inputs_only(graph, monkeypatch
     assert ("batch_norm", "NativeBatchNormBackward0", True) in seen
     assert any(op == "linear" and not f for op, _, f in seen)
     assert not any(op == "linear" and f for op, _, f in seen)
+
+
+def _gather_and_transform(x, index, lin):
+    h = torch.cat([x.index_select(0, index[1]), x[index[0]]], -1)
+    return lin(h).relu().sum()  # the ReLU stores one exact bit
+
+
+def test_rows_gathered_from_an_input_are_referenced_exactly():
+    # Gathered copies of an input cost nothing and restore exactly: fp32's gradient bit for bit at INT2.
+    torch.manual_seed(0)
+    x, index, lin = torch.randn(100, 16), torch.randint(0, 100, (2, 1000)), torch.nn.Linear(32, 8)
+    _gather_and_transform(x, index, lin).backward()
+    ref, lin.weight.grad = lin.weight.grad.clone(), None
+    with exactq.compress(bits=2) as session:
+        loss = _gather_and_transform(x, index, lin)
+    loss.backward()
+    assert torch.equal(lin.weight.grad, ref)
+    gathered = session.report().by_kind[R.GATHERED]
+    assert gathered.count == 1 and gathered.original_bytes == 1000 * 32 * 4 and gathered.stored_bytes == 0
+    with exactq.compress(bits=2):
+        loss = _gather_and_transform(x, index, lin)
+    x.add_(1.0)  # the rows backward would gather are no longer those the forward used
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_gathers_stored_as_copies_when_the_source_is_larger_or_changed():
+    torch.manual_seed(0)
+    x0, lin0, lin = torch.randn(1000, 16), torch.nn.Linear(16, 16), torch.nn.Linear(32, 8)
+    few = torch.randint(0, 1000, (2, 50))  # 100 rows of 1,000: storing the source would cost more
+    with exactq.compress(bits=8) as session:
+        _gather_and_transform(lin0(x0), few, lin).backward()
+    assert R.GATHERED not in session.report().by_kind
+    many = torch.randint(0, 1000, (2, 5000))
+    for change in (False, True):
+        with exactq.compress(bits=8) as session:
+            x = lin0(x0)
+            h = torch.cat([x.index_select(0, many[1]), x[many[0]]], -1)
+            if change:
+                x.mul_(2.0)  # after the gather: h holds the old rows, so x cannot stand for them
+            lin(h).relu().sum().backward()
+        assert (R.GATHERED in session.report().by_kind) is not change
+
+
+def test_index_add_source_is_read_only_for_its_shape():
+    torch.manual_seed(0)
+    w, index = torch.randn(5000, 16, requires_grad=True), torch.randint(0, 100, (5000,))
+    with exactq.compress(bits=2) as session:
+        out = torch.zeros(100, 16).index_add(0, index, w * 2, alpha=1.5)
+    (out * torch.arange(1600.0).view(100, 16)).sum().backward()
+    torch.testing.assert_close(w.grad, 3.0 * torch.arange(1600.0).view(100, 16)[index])
+    assert session.report().by_kind[R.UNNEEDED].count == 1

@@ -1,0 +1,200 @@
+"""Gathered activations: tensors whose rows are copies of another tensor's rows, picked by an index.
+
+Message passing copies each node's row once per edge (``x.index_select(0, edge_index[0])``, PyG's
+``x_j``), and some layers concatenate such copies (PNA's ``cat([x_i, x_j], -1)``). Quantized as they
+are, the copies of one row round independently, so a gradient term that cancels over a node's edges in
+fp32 (a std aggregator's ``sum_e (h_e - mean)``) keeps the rounding noise of every copy. Stored as
+their source and the index instead (autograd holds the index anyway), all copies of a row restore to
+one value, as in fp32; the copies cost nothing beyond the source, and a source that is an input or a
+parameter restores exactly.
+
+:class:`GatherLog` records each gather, and each concatenation of gathers, as its op returns; when a
+saved tensor is such an output or a view of one, :meth:`GatherLog.recipe` gives its :class:`Recipe`.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .memory import StorageKeyed, storage_id
+
+_OPS = frozenset({"index_select", "__getitem__", "cat", "concat", "concatenate"})
+
+
+@dataclass(frozen=True)
+class Select:
+    """``sources[source].index_select(dim, index)``."""
+
+    source: int
+    dim: int
+    index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Cat:
+    parts: Tuple["Node", ...]
+    dim: int
+
+
+Node = Union[Select, Cat]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to rebuild a saved tensor from its sources: ``tree`` rebuilds the contiguous output the
+    log recorded (shape ``shape``); the saved tensor is its view at ``offset`` with ``size`` and
+    ``stride``. Sources are referred to by position, so the recipe holds none of them."""
+
+    tree: Node
+    shape: torch.Size
+    offset: int
+    size: torch.Size
+    stride: Tuple[int, ...]
+
+    def indices(self) -> List[torch.Tensor]:
+        return _indices(self.tree)
+
+    def build(self, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = _build(self.tree, sources)
+        if out.shape == self.size and out.stride() == self.stride and self.offset == 0:
+            return out
+        return out.as_strided(self.size, self.stride, self.offset)
+
+
+def _indices(node: Node) -> List[torch.Tensor]:
+    return [node.index] if isinstance(node, Select) else [i for p in node.parts for i in _indices(p)]
+
+
+def _build(node: Node, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    if isinstance(node, Select):
+        return sources[node.source].index_select(node.dim, node.index)
+    return torch.cat([_build(p, sources) for p in node.parts], node.dim)
+
+
+# What the log holds: the same tree with weak references (it must not keep any tensor alive).
+@dataclass(frozen=True)
+class _WeakSelect:
+    source: Callable[[], Optional[torch.Tensor]]
+    version: int
+    dim: int
+    index: "_WeakView"
+
+
+@dataclass(frozen=True)
+class _WeakView:
+    """An index by its base tensor and view: ``edge_index[0]`` is a view made for one call and freed
+    after it, while its base lives on."""
+
+    base: Callable[[], Optional[torch.Tensor]]
+    version: int
+    offset: int
+    size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "_WeakView":
+        base = t._base if t._base is not None else t
+        return _WeakView(weakref.ref(base), t._version, t.storage_offset(), tuple(t.shape), t.stride())
+
+    def __call__(self) -> Optional[torch.Tensor]:
+        base = self.base()
+        if base is None or base._version != self.version:
+            return None
+        return base.as_strided(self.size, self.stride, self.offset)
+
+
+@dataclass(frozen=True)
+class _WeakCat:
+    parts: Tuple[Any, ...]
+    dim: int
+
+
+class GatherLog:
+    """Gathers and concatenations of gathers made in a session, keyed on their outputs' storage."""
+
+    def __init__(self) -> None:
+        self._log = StorageKeyed()
+
+    def note(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+        """Record ``out`` if ``func(*args, **kwargs)`` gathered rows of one tensor along a dim, or
+        concatenated outputs recorded before; anything else is ignored."""
+        name = getattr(func, "__name__", "")
+        if name not in _OPS or "out" in kwargs or not _plain(out) or not out.is_contiguous() or not torch.is_grad_enabled():
+            return
+        if name == "index_select":
+            part = _weak_select(_arg(args, kwargs, 0, "input", "self"), _arg(args, kwargs, 1, "dim"),
+                                _arg(args, kwargs, 2, "index"), out)
+        elif name == "__getitem__":  # x[index] with a 1-D integer tensor: index_select on dim 0
+            part = _weak_select(args[0], 0, args[1], out) if len(args) == 2 else None
+        else:
+            part = self._weak_cat(_arg(args, kwargs, 0, "tensors"), _arg(args, kwargs, 1, "dim", default=0), out)
+        if part is not None:
+            self._log.put((storage_id(out),), out, (out.storage_offset(), out.shape, out._version, part))
+
+    def _weak_cat(self, tensors: Any, dim: Any, out: torch.Tensor) -> Optional[_WeakCat]:
+        if not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or not isinstance(dim, int):
+            return None
+        parts = []
+        for t in tensors:
+            entry = self._entry(t) if _plain(t) and t.dtype == out.dtype else None
+            if entry is None or entry[0] != t.storage_offset() or entry[1] != t.shape or not t.is_contiguous():
+                return None  # a part that is not itself a whole recorded output
+            parts.append(entry[3])
+        return _WeakCat(tuple(parts), dim % out.dim())
+
+    def _entry(self, t: torch.Tensor) -> Optional[tuple]:
+        entry = self._log.get((storage_id(t),))
+        return entry if entry is not None and entry[2] == t._version else None  # else changed in place
+
+    def recipe(self, t: torch.Tensor) -> Optional[Tuple[Recipe, List[torch.Tensor]]]:
+        """The recipe of ``t`` and its sources, if ``t`` is (a view of) a recorded output whose sources
+        are alive and unchanged since; else ``None``."""
+        entry = self._entry(t) if _plain(t) else None
+        if entry is None:
+            return None
+        offset, shape, _, weak = entry
+        start = t.storage_offset() - offset
+        last = start + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        if start < 0 or t.numel() == 0 or last >= shape.numel() or min(t.stride(), default=1) < 0:
+            return None
+        sources: List[torch.Tensor] = []
+        tree = _strong(weak, sources)
+        if tree is None or any(s.dtype != t.dtype or s.device != t.device for s in sources):
+            return None
+        return Recipe(tree, shape, start, t.shape, t.stride()), sources
+
+
+def _plain(t: Any) -> bool:
+    return type(t) is torch.Tensor and t.layout == torch.strided and t.is_floating_point()
+
+
+def _arg(args: tuple, kwargs: dict, i: int, *names: str, default: Any = None) -> Any:
+    if i < len(args):
+        return args[i]
+    return next((kwargs[n] for n in names if n in kwargs), default)
+
+
+def _weak_select(src: Any, dim: Any, index: Any, out: torch.Tensor) -> Optional[_WeakSelect]:
+    if not (_plain(src) and isinstance(dim, int) and isinstance(index, torch.Tensor) and index.dim() == 1
+            and index.dtype in (torch.int64, torch.int32) and src.dtype == out.dtype and src.dim() == out.dim()):
+        return None
+    return _WeakSelect(weakref.ref(src), src._version, dim % src.dim(), _WeakView.of(index))
+
+
+def _strong(weak: Any, sources: List[torch.Tensor]) -> Optional[Node]:
+    """The tree with live tensors (sources appended to ``sources``, each once), or ``None`` where a
+    tensor was freed or a source changed in place since the gather."""
+    if isinstance(weak, _WeakCat):
+        parts = [_strong(p, sources) for p in weak.parts]
+        return None if any(p is None for p in parts) else Cat(tuple(parts), weak.dim)
+    src, index = weak.source(), weak.index()
+    if src is None or index is None or src._version != weak.version:
+        return None
+    slot = next((i for i, s in enumerate(sources) if s is src), None)
+    if slot is None:
+        sources.append(src)
+        slot = len(sources) - 1
+    return Select(slot, weak.dim, index)
