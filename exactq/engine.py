@@ -12,7 +12,8 @@ Three pieces work together while a session is active:
   reading each node's saved fields (an unpack of a pending handle names its node and field), and
   stores every field as :data:`exactq.rules.RULES` says. The tracker also records which storages the
   forward produced without autograd history (e.g. dropout of the input features), so they count as
-  activations rather than inputs.
+  activations rather than inputs, and the engine logs gathers of rows (:mod:`exactq.gather`), so a
+  saved gather is stored as its source and index.
 * ``_RestoreBuffers``: on CPU, large restores are written into buffers reused within backward.
 
 Pitfalls handled (REFERENCE.md section 5): with hooks PyTorch no longer checks in-place changes

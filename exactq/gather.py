@@ -1,15 +1,17 @@
 """Gathered activations: tensors whose rows are copies of another tensor's rows, picked by an index.
 
 Message passing copies each node's row once per edge (``x.index_select(0, edge_index[0])``, PyG's
-``x_j``), and some layers concatenate such copies (PNA's ``cat([x_i, x_j], -1)``). Quantized as they
+``x_j``), and some layers combine such copies (PNA's ``cat([x_i, x_j], -1)``, EdgeConv's
+``cat([x_i, x_j - x_i], -1)``). Quantized as they
 are, the copies of one row round independently, so a gradient term that cancels over a node's edges in
 fp32 (a std aggregator's ``sum_e (h_e - mean)``) keeps the rounding noise of every copy. Stored as
 their source and the index instead (autograd holds the index anyway), all copies of a row restore to
 one value, as in fp32; the copies cost nothing beyond the source, and a source that is an input or a
 parameter restores exactly.
 
-:class:`GatherLog` records each gather, and each concatenation of gathers, as its op returns; when a
-saved tensor is such an output or a view of one, :meth:`GatherLog.recipe` gives its :class:`Recipe`.
+:class:`GatherLog` records each gather, and each concatenation, sum or difference of recorded outputs,
+as its op returns; when a saved tensor is such an output or a view of one, :meth:`GatherLog.recipe`
+gives its :class:`Recipe`.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import torch
 
 from .memory import StorageKeyed, storage_id
 
-_OPS = frozenset({"index_select", "__getitem__", "cat", "concat", "concatenate"})
+_CATS = frozenset({"cat", "concat", "concatenate"})
+_SIGNS = {"add": 1, "__add__": 1, "sub": -1, "__sub__": -1, "subtract": -1}  # a + sign * b
+_OPS = frozenset({"index_select", "__getitem__", *_CATS, *_SIGNS})
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,16 @@ class Cat:
     dim: int
 
 
-Node = Union[Select, Cat]
+@dataclass(frozen=True)
+class Sum:
+    """``a + sign * b`` (EdgeConv's ``x_j - x_i``)."""
+
+    a: "Node"
+    b: "Node"
+    sign: int
+
+
+Node = Union[Select, Cat, Sum]
 
 
 @dataclass(frozen=True)
@@ -64,29 +77,36 @@ class Recipe:
         return out.as_strided(self.size, self.stride, self.offset)
 
 
+def _children(node: Node) -> Tuple[Node, ...]:
+    return () if isinstance(node, Select) else node.parts if isinstance(node, Cat) else (node.a, node.b)
+
+
 def _indices(node: Node) -> List[torch.Tensor]:
-    return [node.index] if isinstance(node, Select) else [i for p in node.parts for i in _indices(p)]
+    return [node.index] if isinstance(node, Select) else [i for p in _children(node) for i in _indices(p)]
 
 
 def _build(node: Node, sources: Sequence[torch.Tensor]) -> torch.Tensor:
     if isinstance(node, Select):
         return sources[node.source].index_select(node.dim, node.index)
-    return torch.cat([_build(p, sources) for p in node.parts], node.dim)
+    if isinstance(node, Cat):
+        return torch.cat([_build(p, sources) for p in node.parts], node.dim)
+    a, b = _build(node.a, sources), _build(node.b, sources)
+    return a.add_(b) if node.sign == 1 else a.sub_(b)
 
 
 # What the log holds: the same tree with weak references (it must not keep any tensor alive).
 @dataclass(frozen=True)
 class _WeakSelect:
-    source: Callable[[], Optional[torch.Tensor]]
-    version: int
+    source: "_WeakView"
     dim: int
     index: "_WeakView"
 
 
 @dataclass(frozen=True)
 class _WeakView:
-    """An index by its base tensor and view: ``edge_index[0]`` is a view made for one call and freed
-    after it, while its base lives on."""
+    """A tensor by its base and view, valid while the base is alive and unchanged: ``edge_index[0]``
+    or ``x.view(-1, heads, channels)`` is a view made for one call and freed after it, while its base
+    lives on."""
 
     base: Callable[[], Optional[torch.Tensor]]
     version: int
@@ -112,6 +132,13 @@ class _WeakCat:
     dim: int
 
 
+@dataclass(frozen=True)
+class _WeakSum:
+    a: Any
+    b: Any
+    sign: int
+
+
 class GatherLog:
     """Gathers and concatenations of gathers made in a session, keyed on their outputs' storage."""
 
@@ -129,21 +156,33 @@ class GatherLog:
                                 _arg(args, kwargs, 2, "index"), out)
         elif name == "__getitem__":  # x[index] with a 1-D integer tensor: index_select on dim 0
             part = _weak_select(args[0], 0, args[1], out) if len(args) == 2 else None
-        else:
+        elif name in _CATS:
             part = self._weak_cat(_arg(args, kwargs, 0, "tensors"), _arg(args, kwargs, 1, "dim", default=0), out)
+        else:
+            part = self._weak_sum(args, kwargs, _SIGNS[name], out)
         if part is not None:
             self._log.put((storage_id(out),), out, (out.storage_offset(), out.shape, out._version, part))
 
     def _weak_cat(self, tensors: Any, dim: Any, out: torch.Tensor) -> Optional[_WeakCat]:
         if not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or not isinstance(dim, int):
             return None
-        parts = []
-        for t in tensors:
-            entry = self._entry(t) if _plain(t) and t.dtype == out.dtype else None
-            if entry is None or entry[0] != t.storage_offset() or entry[1] != t.shape or not t.is_contiguous():
-                return None  # a part that is not itself a whole recorded output
-            parts.append(entry[3])
-        return _WeakCat(tuple(parts), dim % out.dim())
+        parts = [self._whole(t, out) for t in tensors]
+        return None if any(p is None for p in parts) else _WeakCat(tuple(parts), dim % out.dim())
+
+    def _weak_sum(self, args: tuple, kwargs: dict, sign: int, out: torch.Tensor) -> Optional[_WeakSum]:
+        if len(args) != 2 or set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1:
+            return None
+        a, b = self._whole(args[0], out), self._whole(args[1], out)
+        if a is None or b is None or args[0].shape != out.shape or args[1].shape != out.shape:
+            return None  # broadcasting, or an operand that is not a recorded gather
+        return _WeakSum(a, b, sign)
+
+    def _whole(self, t: Any, out: torch.Tensor) -> Any:
+        """The log's entry for ``t`` if ``t`` is a whole recorded output of ``out``'s dtype, else None."""
+        entry = self._entry(t) if _plain(t) and t.dtype == out.dtype else None
+        if entry is None or entry[0] != t.storage_offset() or entry[1] != t.shape or not t.is_contiguous():
+            return None
+        return entry[3]
 
     def _entry(self, t: torch.Tensor) -> Optional[tuple]:
         entry = self._log.get((storage_id(t),))
@@ -158,7 +197,7 @@ class GatherLog:
         offset, shape, _, weak = entry
         start = t.storage_offset() - offset
         last = start + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-        if start < 0 or t.numel() == 0 or last >= shape.numel() or min(t.stride(), default=1) < 0:
+        if start < 0 or t.numel() == 0 or last >= shape.numel():
             return None
         sources: List[torch.Tensor] = []
         tree = _strong(weak, sources)
@@ -181,7 +220,7 @@ def _weak_select(src: Any, dim: Any, index: Any, out: torch.Tensor) -> Optional[
     if not (_plain(src) and isinstance(dim, int) and isinstance(index, torch.Tensor) and index.dim() == 1
             and index.dtype in (torch.int64, torch.int32) and src.dtype == out.dtype and src.dim() == out.dim()):
         return None
-    return _WeakSelect(weakref.ref(src), src._version, dim % src.dim(), _WeakView.of(index))
+    return _WeakSelect(_WeakView.of(src), dim % src.dim(), _WeakView.of(index))
 
 
 def _strong(weak: Any, sources: List[torch.Tensor]) -> Optional[Node]:
@@ -190,10 +229,15 @@ def _strong(weak: Any, sources: List[torch.Tensor]) -> Optional[Node]:
     if isinstance(weak, _WeakCat):
         parts = [_strong(p, sources) for p in weak.parts]
         return None if any(p is None for p in parts) else Cat(tuple(parts), weak.dim)
+    if isinstance(weak, _WeakSum):
+        a, b = _strong(weak.a, sources), _strong(weak.b, sources)
+        return None if a is None or b is None else Sum(a, b, weak.sign)
     src, index = weak.source(), weak.index()
-    if src is None or index is None or src._version != weak.version:
+    if src is None or index is None:
         return None
-    slot = next((i for i, s in enumerate(sources) if s is src), None)
+    view = (storage_id(src), src.storage_offset(), src.shape, src.stride())
+    slot = next((i for i, s in enumerate(sources)
+                 if (storage_id(s), s.storage_offset(), s.shape, s.stride()) == view), None)
     if slot is None:
         sources.append(src)
         slot = len(sources) - 1

@@ -6,7 +6,8 @@ each saved tensor belongs to (see :mod:`exactq.engine`) and looks the pair up in
 way ``torch.autocast`` keeps its op lists. A field's form says what is stored:
 
 * :class:`Quantize`: block-wise low-bit (the default for every built-in op not listed): the backward
-  formula uses the value smoothly, so unbiased rounding gives a gradient close to fp32's.
+  formula uses the value smoothly, so unbiased rounding gives a gradient close to fp32's. A tensor of
+  rows gathered by an index is stored as its source and the index instead (:mod:`exactq.gather`).
 * :class:`Bits`: backward reads only a comparison (ReLU's ``result > 0``, clamp's in-range test): one
   bit per element, restored to values that give the same comparison, so the gradient is exact.
 * :class:`Winners`: max/min-type reductions, whose backward finds the winners by ``input == result``:

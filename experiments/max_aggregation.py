@@ -38,7 +38,8 @@ def _models(data):
     f, c = data.num_features, int(data.y.max()) + 1
     return {
         "GraphSAGE max 2x64": lambda: GraphSAGE(f, 64, 2, c, aggr="max", dropout=0.5),
-        "EdgeCNN 2x64": lambda: EdgeCNN(f, 64, 2, c, dropout=0.5),
+        # Without batch norm EdgeCNN stays near the majority class on Cora/CiteSeer in fp32 (35% / 29%).
+        "EdgeCNN 2x64": lambda: EdgeCNN(f, 64, 2, c, dropout=0.5, norm="batch_norm"),
         "PNA 2x64": lambda: PNA(f, 64, 2, c, aggregators=["mean", "min", "max", "std"],
                                 scalers=["identity", "amplification", "attenuation"], deg=deg, dropout=0.5),
     }

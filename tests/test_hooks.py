@@ -496,25 +496,34 @@ def test_auto_levels_nonuniform_for_normalisation_inputs_only(graph, monkeypatch
     assert not any(op == "linear" and f for op, _, f in seen)
 
 
-def _gather_and_transform(x, index, lin):
-    h = torch.cat([x.index_select(0, index[1]), x[index[0]]], -1)
-    return lin(h).relu().sum()  # the ReLU stores one exact bit
+# PyG's messages: PNA's, EdgeConv's, and GAT's (x_j alone, of heads x channels).
+MESSAGES = {
+    "cat": lambda x, index: torch.cat([x.index_select(0, index[1]), x[index[0]]], -1),
+    "edge_conv": lambda x, index: torch.cat([x[index[1]], x[index[0]] - x[index[1]]], -1),
+    "x_j": lambda x, index: x.view(-1, 2, 16).index_select(0, index[0]).flatten(1),
+}
 
 
-def test_rows_gathered_from_an_input_are_referenced_exactly():
+def _gather_and_transform(x, index, lin, message="cat"):
+    return lin(MESSAGES[message](x, index)).relu().sum()  # the ReLU stores one exact bit
+
+
+@pytest.mark.parametrize("message", MESSAGES)
+def test_rows_gathered_from_an_input_are_referenced_exactly(message):
     # Gathered copies of an input cost nothing and restore exactly: fp32's gradient bit for bit at INT2.
     torch.manual_seed(0)
-    x, index, lin = torch.randn(100, 16), torch.randint(0, 100, (2, 1000)), torch.nn.Linear(32, 8)
-    _gather_and_transform(x, index, lin).backward()
+    width = 32 if message == "x_j" else 64
+    x, index, lin = torch.randn(100, 32), torch.randint(0, 100, (2, 1000)), torch.nn.Linear(width, 8)
+    _gather_and_transform(x, index, lin, message).backward()
     ref, lin.weight.grad = lin.weight.grad.clone(), None
     with exactq.compress(bits=2) as session:
-        loss = _gather_and_transform(x, index, lin)
+        loss = _gather_and_transform(x, index, lin, message)
     loss.backward()
     assert torch.equal(lin.weight.grad, ref)
     gathered = session.report().by_kind[R.GATHERED]
-    assert gathered.count == 1 and gathered.original_bytes == 1000 * 32 * 4 and gathered.stored_bytes == 0
+    assert gathered.count == 1 and gathered.original_bytes == 1000 * width * 4 and gathered.stored_bytes == 0
     with exactq.compress(bits=2):
-        loss = _gather_and_transform(x, index, lin)
+        loss = _gather_and_transform(x, index, lin, message)
     x.add_(1.0)  # the rows backward would gather are no longer those the forward used
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
@@ -522,7 +531,7 @@ def test_rows_gathered_from_an_input_are_referenced_exactly():
 
 def test_gathers_stored_as_copies_when_the_source_is_larger_or_changed():
     torch.manual_seed(0)
-    x0, lin0, lin = torch.randn(1000, 16), torch.nn.Linear(16, 16), torch.nn.Linear(32, 8)
+    x0, lin0, lin = torch.randn(1000, 32), torch.nn.Linear(32, 32), torch.nn.Linear(64, 8)
     few = torch.randint(0, 1000, (2, 50))  # 100 rows of 1,000: storing the source would cost more
     with exactq.compress(bits=8) as session:
         _gather_and_transform(lin0(x0), few, lin).backward()
