@@ -151,6 +151,8 @@ class GatherLog:
         name = getattr(func, "__name__", "")
         if name not in _OPS or "out" in kwargs or not _plain(out) or not out.is_contiguous() or not torch.is_grad_enabled():
             return
+        if torch.jit.is_tracing():  # reading the output's geometry here changes the traced graph
+            return
         if name == "index_select":
             part = _weak_select(_arg(args, kwargs, 0, "input", "self"), _arg(args, kwargs, 1, "dim"),
                                 _arg(args, kwargs, 2, "index"), out)

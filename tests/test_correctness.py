@@ -340,6 +340,23 @@ class _PassThroughMode(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def test_jit_trace_inside_a_block_gives_one_graph():
+    # torch.jit.trace runs the forward twice and checks that both traces agree; logging the gather of
+    # x_j (exactq.gather) read the output's geometry while tracing and made them differ (PyG's own
+    # test_traceable_my_conv_with_self_loops).
+    from torch_geometric.nn import MessagePassing
+    from torch_geometric.utils import add_self_loops
+
+    class Conv(MessagePassing):
+        def forward(self, x, edge_index):
+            return self.propagate(add_self_loops(edge_index)[0], x=x)
+
+    x, edge_index = torch.randn(4, 16), torch.tensor([[0, 1, 2], [1, 2, 3]])
+    with exactq.compress(bits=8, min_numel=0):
+        traced = torch.jit.trace(Conv(), (x, edge_index))
+    torch.testing.assert_close(traced(x, edge_index), Conv()(x, edge_index))
+
+
 def test_compiled_functions_and_models_equal_eager_without_graph_breaks():
     import torch._dynamo
 
