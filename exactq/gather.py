@@ -140,19 +140,20 @@ class _WeakSum:
 
 
 class GatherLog:
-    """Gathers and concatenations of gathers made in a session, keyed on their outputs' storage."""
+    """Gathers, and concatenations, sums and differences of them, made in a session, keyed on their
+    outputs' storage."""
 
     def __init__(self) -> None:
         self._log = StorageKeyed()
 
     def note(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
         """Record ``out`` if ``func(*args, **kwargs)`` gathered rows of one tensor along a dim, or
-        concatenated outputs recorded before; anything else is ignored."""
+        concatenated, added or subtracted outputs recorded before; anything else is ignored."""
         name = getattr(func, "__name__", "")
-        if name not in _OPS or "out" in kwargs or not _plain(out) or not out.is_contiguous() or not torch.is_grad_enabled():
+        if name not in _OPS or "out" in kwargs or not _plain(out) or not out.is_contiguous():
             return
-        if torch.jit.is_tracing():  # reading the output's geometry here changes the traced graph
-            return
+        if not torch.is_grad_enabled() or torch.jit.is_tracing():
+            return  # under jit tracing, reading the output's geometry here would change the traced graph
         if name == "index_select":
             part = _weak_select(_arg(args, kwargs, 0, "input", "self"), _arg(args, kwargs, 1, "dim"),
                                 _arg(args, kwargs, 2, "index"), out)
@@ -208,8 +209,9 @@ class GatherLog:
         return Recipe(tree, shape, start, t.shape, t.stride()), sources
 
 
-def _plain(t: Any) -> bool:
-    return type(t) is torch.Tensor and t.layout == torch.strided and t.is_floating_point()
+def _plain(t: Any, parameter: bool = False) -> bool:
+    return ((type(t) is torch.Tensor or parameter and type(t) is torch.nn.Parameter) and t.layout == torch.strided
+            and t.is_floating_point())
 
 
 def _arg(args: tuple, kwargs: dict, i: int, *names: str, default: Any = None) -> Any:
@@ -219,7 +221,7 @@ def _arg(args: tuple, kwargs: dict, i: int, *names: str, default: Any = None) ->
 
 
 def _weak_select(src: Any, dim: Any, index: Any, out: torch.Tensor) -> Optional[_WeakSelect]:
-    if not (_plain(src) and isinstance(dim, int) and isinstance(index, torch.Tensor) and index.dim() == 1
+    if not (_plain(src, parameter=True) and isinstance(dim, int) and isinstance(index, torch.Tensor) and index.dim() == 1
             and index.dtype in (torch.int64, torch.int32) and src.dtype == out.dtype and src.dim() == out.dim()):
         return None
     return _WeakSelect(_WeakView.of(src), dim % src.dim(), _WeakView.of(index))

@@ -522,6 +522,11 @@ def test_rows_gathered_from_an_input_are_referenced_exactly(message):
     assert torch.equal(lin.weight.grad, ref)
     gathered = session.report().by_kind[R.GATHERED]
     assert gathered.count == 1 and gathered.original_bytes == 1000 * width * 4 and gathered.stored_bytes == 0
+    if message == "cat":  # rows of a parameter (an embedding table read as `weight[index]`): referenced too
+        table = torch.nn.Parameter(x.clone())
+        with exactq.compress(bits=2) as session:
+            loss = _gather_and_transform(table, index, lin, message)
+        assert session.report().by_kind[R.GATHERED].stored_bytes == 0
     with exactq.compress(bits=2):
         loss = _gather_and_transform(x, index, lin, message)
     x.add_(1.0)  # the rows backward would gather are no longer those the forward used
