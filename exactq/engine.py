@@ -437,7 +437,7 @@ class HookEngine:
             # (bernoulli(1 - p) / (1 - p), two-valued by construction), or checked to be so.
             return self._share(h, t, saved, R.MASK, (), lambda: _pack_two_valued(t), _unpack_mask)
         block = self._block_size(t, form)
-        sparse = _sparse_if_smaller(t, (t.numel() * self.config.bits + 7) // 8 + -(-t.numel() // block) * 4)
+        sparse = _sparse_if_smaller(t, self.config.bits, block)
         if sparse is not None:  # mostly zeros (bag-of-words sums): its nonzeros take less, and are exact
             return self._share(h, t, saved, R.SPARSE, (), lambda: sparse, _unpack_sparse)
         if self.config.rp_ratio is not None and self.config.rp_ratio < 1 and t.dim() >= 2 and form.linear:
@@ -496,7 +496,7 @@ class HookEngine:
         if shared is not None:
             return shared, 0
         block = self._block_size(s, form, bits)
-        payload = _sparse_if_smaller(s, (s.numel() * bits + 7) // 8 + -(-s.numel() // block) * 4)
+        payload = _sparse_if_smaller(s, bits, block)
         if payload is not None:
             source = _Source(payload, _unpack_sparse)
         else:
@@ -741,9 +741,11 @@ def _unpack_where(pool: _RestoreBuffers, payload: Tuple[EF.PackedMask, torch.Ten
 _SPARSE_SAMPLE = 4096
 
 
-def _sparse_if_smaller(t: torch.Tensor, quantized_nbytes: int):
+def _sparse_if_smaller(t: torch.Tensor, bits: int, block_size: int):
     """``(crow, col, values, shape)`` of ``t`` seen as rows of its last dimension (CSR, int32 row
-    pointers, int16 columns where they fit), if that takes fewer bytes than quantizing it; else None."""
+    pointers, int16 columns where they fit), if that takes fewer bytes than quantizing it at ``bits`` in
+    blocks of ``block_size`` (codes and two bfloat16 statistics per block); else None."""
+    quantized_nbytes = (t.numel() * bits + 7) // 8 + -(-t.numel() // block_size) * 4
     if t.dim() < 2 or not t.is_floating_point() or t.numel() >= 2**31 or t.layout != torch.strided:
         return None
     d = t.shape[-1]
