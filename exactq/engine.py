@@ -256,9 +256,9 @@ class HookEngine:
         self._calls = 0
         self._pending: List[_Packed] = []
         self._probe: Optional[List[_Packed]] = None  # handles unpacked while a node's field is read
-        # Bytes already counted per storage: of every saved tensor (original) and of those kept as they
-        # are (stored). Keyed on (storage id, offset, shape, stride, dtype, version), plus the storage
-        # form: weak references to packed copies that identical saves can share.
+        # Bytes already counted per storage id: of every saved tensor (original) and of those kept as
+        # they are (stored). Then, keyed on (storage id, offset, shape, stride, dtype, version) plus the
+        # storage form: weak references to packed copies that identical saves can share.
         self._counted = StorageKeyed()
         self._kept = StorageKeyed()
         self._shared = StorageKeyed()
@@ -277,8 +277,7 @@ class HookEngine:
     # -- pack: what needs no op -------------------------------------------------------------------
     def _is_external(self, t: torch.Tensor) -> bool:
         """Parameters and inputs that stay alive anyway (or views of them): compressing them adds memory."""
-        root = t._base if t._base is not None else t
-        if root.grad_fn is not None or self.tracker.produced(t):
+        if not self._outlives_session(t):
             return False
         if self.tracker.current_args is None:
             return True  # saved outside any tracked op (a Python autograd.Function): leave it
@@ -450,9 +449,10 @@ class HookEngine:
 
     def _store_gathered(self, h: _Packed, t: torch.Tensor, form: rules.Quantize, saved: str) -> bool:
         """Store ``t`` as its sources and index if it is (a view of) a gather of rows, or of a
-        concatenation of gathers (:mod:`exactq.gather`), and that stores no more elements than ``t``:
-        sources that stay alive anyway are referenced, the others stored once for all their gathers,
-        with the most bits (up to 8) whose codes take no more than ``t``'s copies would at ``bits``."""
+        concatenation, sum or difference of gathers (:mod:`exactq.gather`), and that stores no more
+        elements than ``t``: sources that stay alive anyway are referenced, the others stored once for
+        all their gathers, with the most bits (up to 8) whose codes take no more than ``t``'s copies
+        would at ``bits``."""
         found = self.gathers.recipe(t)
         if found is None:
             return False
@@ -484,7 +484,8 @@ class HookEngine:
         return True
 
     def _outlives_session(self, t: torch.Tensor) -> bool:
-        """A parameter or input (or a view of one): alive anyway, so referencing it costs nothing."""
+        """Neither made in the session nor derived with autograd history: a parameter or input (or a
+        view of one), alive anyway, so referencing it costs nothing."""
         root = t._base if t._base is not None else t
         return root.grad_fn is None and not self.tracker.produced(t)
 

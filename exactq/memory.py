@@ -1,6 +1,8 @@
 """Independent measurement of tensor memory: every storage allocated while a tracker is active,
 counted while it stays alive. Used to check :class:`exactq.MemoryReport` against reality and to
-measure activation memory as "memory held after forward minus memory held before it".
+measure activation memory as "memory held after forward minus memory held before it". Also the
+storage helpers the hook engine shares (storage identity, an op's argument storages, a dict keyed on
+live storages).
 """
 from __future__ import annotations
 
