@@ -33,6 +33,12 @@ _SCHEMAS = {
     # INT8 compute (exactq.compute): symmetric codes with a float32 scale per column (dim=0) or row (dim=1);
     # nearest rounding without a seed, stochastic with one; with row_scale, the codes of x * row_scale[:, None].
     "int8_quantize": "int8_quantize(Tensor x, int dim, int? seed=None, Tensor? row_scale=None) -> (Tensor, Tensor)",
+    # int8_quantize(dequantize(...).view(rows, cols), dim=1, seed) without the float32 tensor: a stored
+    # activation decoded straight into the int8 operand of a backward product.
+    "dequantize_int8": (
+        "dequantize_int8(Tensor packed, Tensor stats, int bits, int block_size, float? level, SymInt rows, "
+        "SymInt cols, int? seed=None) -> (Tensor, Tensor)"
+    ),
     # out = row_scale * (A @ (q * scale)) for the CSR matrix A = (crow, col, weight or ones).
     "int8_spmm": "int8_spmm(Tensor crow, Tensor col, Tensor? weight, Tensor q, Tensor scale, Tensor? row_scale) -> Tensor",
     # out[e, h] = a_scale[i, h] * b_scale[j, h] * (a[i, head h] . b[j, head h]) for each entry e = (i, j) of the
@@ -86,6 +92,11 @@ def _int8_quantize_fake(x, dim, seed=None, row_scale=None):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[1 - dim],), dtype=torch.float32)
 
 
+@torch.library.register_fake("exactq::dequantize_int8", lib=_LIB)
+def _dequantize_int8_fake(packed, stats, bits, block_size, level, rows, cols, seed=None):
+    return packed.new_empty((rows, cols), dtype=torch.int8), packed.new_empty((rows,), dtype=torch.float32)
+
+
 @torch.library.register_fake("exactq::int8_spmm", lib=_LIB)
 def _int8_spmm_fake(crow, col, weight, q, scale, row_scale):
     return q.new_empty((crow.shape[0] - 1, q.shape[1]), dtype=torch.float32)
@@ -132,6 +143,7 @@ pack_mask = torch.ops.exactq.pack_mask.default
 unpack_mask = torch.ops.exactq.unpack_mask.default
 unpack_mask_into = torch.ops.exactq.unpack_mask_into.default
 int8_quantize = torch.ops.exactq.int8_quantize.default
+dequantize_int8 = torch.ops.exactq.dequantize_int8.default
 int8_spmm = torch.ops.exactq.int8_spmm.default
 int8_sddmm = torch.ops.exactq.int8_sddmm.default
 int8_gemm_epilogue = torch.ops.exactq.int8_gemm_epilogue.default

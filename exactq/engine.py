@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
+from . import _ops
 from . import functional as EF
 from . import report as R
 from . import rules
@@ -563,6 +564,20 @@ class HookEngine:
         h = _Packed(t, op=op)
         self._share(h, t, f"{op}.input", R.QUANTIZED, ("int8 rows",), lambda: codes, _codes)
         return h
+
+    def restore_rows(self, h: _Packed, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The int8 codes and per-row scales of a 2-D linear operand stored by :meth:`stash` or
+        :meth:`stash_codes`: the forward's own codes where those were stored; decoded straight from its
+        block codes where it was stored quantized (no float32 copy is made); else the restored tensor
+        quantized row by row. Stochastic rounding with ``seed`` where anything is rounded."""
+        h.check_version()
+        q = h.payload if h.pending is None else None
+        if isinstance(q, EF.QuantizedTensor) and len(q.shape) == 2:
+            return EF.dequantize_int8(q, seed)
+        saved = h.restore()
+        if isinstance(saved, tuple):
+            return saved
+        return _ops.int8_quantize(saved.float().contiguous(), 1, seed)
 
     def keep(self, t: torch.Tensor, op: str, reason: str) -> _Packed:
         """Keep a tensor one of exactq's compute ops needs exactly in its backward (e.g. edge weights),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -185,9 +185,7 @@ def _check_out(out: Optional[torch.Tensor], numel: int, dtype: torch.dtype, devi
         raise ValueError(f"out must be None or a contiguous {dtype} tensor of {numel} elements on {device}, got {got}")
 
 
-def dequantize(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Restore a :class:`QuantizedTensor` to a tensor of its original shape, dtype and device; with
-    ``out`` (contiguous, of that dtype, device and number of elements), written into it."""
+def _check_quantized(q: QuantizedTensor) -> None:
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be an exactq.QuantizedTensor, got {type(q).__name__}")
     n = q.numel
@@ -203,12 +201,31 @@ def dequantize(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.
         )
     if q.stats.device != q.packed.device:
         raise ValueError(f"q.stats is on {q.stats.device} but q.packed on {q.packed.device}")
+
+
+def dequantize(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Restore a :class:`QuantizedTensor` to a tensor of its original shape, dtype and device; with
+    ``out`` (contiguous, of that dtype, device and number of elements), written into it."""
+    _check_quantized(q)
+    n = q.numel
     if out is None:
         out = _ops.dequantize(q.packed, q.stats, q.bits, q.block_size, q.level, n, q.dtype)
     else:
         _check_out(out, n, q.dtype, q.packed.device)
         _ops.dequantize_into(q.packed, q.stats, q.bits, q.block_size, q.level, out)
     return out.view(q.shape)
+
+
+def dequantize_int8(q: QuantizedTensor, seed: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D :class:`QuantizedTensor` restored straight to symmetric int8 codes with one float32 scale per
+    row (``absmax / 127``), the operands of :mod:`exactq.compute`'s products: the values :func:`dequantize`
+    restores (taken in float32, before any cast to ``q.dtype``) int8-quantized row by row, without
+    materialising them. Nearest rounding, or unbiased stochastic rounding with ``seed``."""
+    _check_quantized(q)
+    if len(q.shape) != 2:
+        raise ValueError(f"dequantize_int8 needs a 2-D QuantizedTensor, got shape {tuple(q.shape)}")
+    seed = check_seed(seed)
+    return _ops.dequantize_int8(q.packed, q.stats, q.bits, q.block_size, q.level, q.shape[0], q.shape[1], seed)
 
 
 # Rows that share one random sign vector in ``random_project``: enough independent groups that the

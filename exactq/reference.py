@@ -256,6 +256,16 @@ def int8_quantize(x: torch.Tensor, dim: int, seed: Optional[int] = None,
     return codes, scale
 
 
+def dequantize_int8(packed: torch.Tensor, stats: torch.Tensor, bits: int, block_size: int, level: Optional[float],
+                    rows: int, cols: int, seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``exactq::dequantize_int8``: the int8 codes and per-row scales of the ``[rows, cols]``
+    float32 tensor :func:`dequantize` restores (:func:`int8_quantize` with ``dim=1``)."""
+    if rows < 0 or cols < 0:
+        raise ValueError(f"dequantize_int8 needs rows >= 0 and cols >= 0, got {rows} and {cols}")
+    x = dequantize(packed, stats, bits, block_size, level, rows * cols, torch.float32).view(rows, cols)
+    return int8_quantize(x, 1, seed)
+
+
 def int8_spmm(crow: torch.Tensor, col: torch.Tensor, weight: Optional[torch.Tensor], q: torch.Tensor,
               scale: torch.Tensor, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
     """Reference of ``exactq::int8_spmm``: ``row_scale * (A @ (q * scale))`` in float32 for the CSR matrix

@@ -5,7 +5,8 @@ measured side by side in one process.
 
 * kernels: int8 CSR SpMM (``exactq::int8_spmm``, sums of codes in int32; with edge weights, float32)
   vs fp32 ``torch.sparse.mm`` on the same CSR; the int8 SDDMM (``exactq::int8_sddmm``, GAT's attention
-  gradient) vs fp32 gather + multiply + sum; the fused int8 quantize vs ``clone``; seeded dropout vs
+  gradient) vs fp32 gather + multiply + sum; the fused int8 quantize vs ``clone``; a stored INT2 tensor
+  decoded straight to int8 rows (``exactq::dequantize_int8``) vs dequantize + quantize; seeded dropout vs
   torch's; dense GEMM fp32 vs bf16 vs int8 (``torch._int_mm``, with and without exactq's quantize +
   epilogue).
 * epochs: each model (GraphSAGE and GCN by default; GIN, GAT) 3 x hidden with batch norm and dropout 0.5
@@ -75,6 +76,13 @@ def kernel_rows(data, widths, repeat):
              _best_ms(lambda: x.clone(), repeat), "exactq_ms": quant, "speedup": float("nan")},
         ]
         rows[-1]["speedup"] = rows[-1]["baseline_ms"] / quant
+        # A stored INT2 activation made into the weight gradient's int8 operand: decoded straight to codes,
+        # vs decoding to float32 first and quantizing that.
+        stored = exactq.quantize(x, 2, 256, nonuniform=True, seed=1)
+        fused = _best_ms(lambda: exactq.functional.dequantize_int8(stored, 3), repeat)
+        two_step = _best_ms(lambda: _ops.int8_quantize(exactq.dequantize(stored), 1, 3), repeat)
+        rows.append({"kernel": f"INT2 -> int8 rows, {n}x{c}", "baseline": "dequantize + int8 quantize",
+                     "baseline_ms": two_step, "exactq_ms": fused, "speedup": two_step / fused})
         torch_drop = _best_ms(lambda: F.dropout(x, 0.5, True), repeat)
         seeded = _best_ms(lambda: _ops.seeded_dropout(x, 0.5, 1), repeat)
         rows.append({"kernel": f"dropout p=0.5, {n}x{c}", "baseline": "torch F.dropout", "baseline_ms": torch_drop,

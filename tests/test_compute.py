@@ -87,6 +87,45 @@ def test_int8_spmm_equals_reference(device, C, weighted, row_scale):
     torch.testing.assert_close(ref, dense * (rs.unsqueeze(1) if row_scale else 1.0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [None, 9], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape, block_size", [((0, 5), 64), ((1, 1), 64), ((37, 21), 7), ((300, 64), 100),
+                                               ((40, 256), 256), ((3, 1000), 256)], ids=str)
+def test_dequantize_int8_equals_reference(device, shape, block_size, bits, dtype, seed):
+    """Stored codes decoded straight to per-row int8 codes: the same codes and scales as int8-quantizing the
+    float32 values dequantize restores, for blocks within a row, across rows and longer than a row; a block
+    with NaN/Inf gives its rows a NaN scale (the product falls back), an all-zero row scale 0."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
+    if shape[0] > 10 and shape[1] > 10:
+        x = _special(x)
+        x[11] = 0.0
+    q = exactq.quantize(x.to(device), bits, block_size, nonuniform=bits == 2, seed=3)
+    codes, scale = exactq.functional.dequantize_int8(q, seed)
+    args = (q.packed.cpu(), q.stats.cpu(), bits, block_size, q.level, *shape)
+    rq, rs = reference.dequantize_int8(*args, seed)
+    assert codes.dtype == torch.int8 and codes.shape == shape and scale.shape == (shape[0],)
+    assert torch.equal(codes.cpu(), rq)
+    assert torch.equal(scale.cpu().isnan(), rs.isnan()) and torch.equal(scale.cpu().nan_to_num(), rs.nan_to_num())
+    restored = reference.dequantize(*args[:5], shape[0] * shape[1], torch.float32).view(shape)
+    assert torch.equal(rq, reference.int8_quantize(restored, 1, seed)[0])
+
+
+def test_dequantize_int8_is_unbiased_for_the_stored_values(device):
+    x = torch.randn(64, 96, device=device) * torch.logspace(-2, 1, 64, device=device).unsqueeze(1)
+    q = exactq.quantize(x, 2, 256, nonuniform=True, seed=1)
+    restored = exactq.dequantize(q)
+    draws = []
+    for seed in range(400):
+        codes, scale = exactq.functional.dequantize_int8(q, seed)
+        draws.append(codes.float() * scale.unsqueeze(1))
+    draws = torch.stack(draws)
+    step = scale.unsqueeze(1)
+    assert bool(((draws - restored).abs() < step * (1 + 1e-6)).all())  # within one int8 step of the value
+    # unbiased: a draw is off by at most one step (sd <= 0.5 step), the mean of 400 by sd <= 0.025 step; 6 sd
+    assert float(((draws.mean(0) - restored).abs() / step).max()) < 0.15
+
+
 def test_int8_spmm_int32_sums_are_exact(device):
     # A hub row of 20,000 neighbours with code 127: 2,540,000 is exact in int32 and in float32.
     n = 20_000
@@ -141,6 +180,8 @@ def test_opcheck(device):
         (_ops.int8_quantize, (x, 0, None)),
         (_ops.int8_quantize, (x.bfloat16(), 1, 7)),
         (_ops.int8_quantize, (x, 0, 7, torch.rand(15, device=device))),
+        (_ops.dequantize_int8, (*_ops.quantize(x, 2, 64, 0.2, 5), 2, 64, 0.2, 15, 8, 7)),
+        (_ops.dequantize_int8, (*_ops.quantize(x, 4, 5, None, 5), 4, 5, None, 15, 8, None)),
         (_ops.int8_spmm, (crow, col, w, q, s, None)),
         (_ops.int8_spmm, (crow, col, None, q, s, torch.rand(20, device=device))),
         (_ops.int8_gemm_epilogue, (acc, torch.rand(6, device=device), torch.rand(4, device=device), None)),
@@ -156,6 +197,10 @@ def test_opcheck(device):
     (lambda: _ops.int8_quantize(torch.randn(2, 3).double(), 0), "float32 or bfloat16"),
     (lambda: _ops.int8_quantize(torch.randn(2, 3), 2), "dim must be 0"),
     (lambda: _ops.int8_quantize(torch.randn(2, 3), 0, None, torch.ones(3)), "row_scale must be a contiguous float32"),
+    (lambda: _ops.dequantize_int8(*_ops.quantize(torch.randn(6, 4), 2, 8, None, 1), 2, 8, None, 4, 4),
+     "packed must be a contiguous uint8 tensor of 4 bytes for 16 elements"),
+    (lambda: _ops.dequantize_int8(*_ops.quantize(torch.randn(6, 4), 2, 8, None, 1), 2, 8, None, -6, -4),
+     "rows >= 0 and cols >= 0"),
     (lambda: _ops.int8_spmm(torch.tensor([0, 1]), torch.tensor([5]), None, torch.zeros(3, 2, dtype=torch.int8),
                             torch.ones(2), None), "every col index"),
     (lambda: _ops.int8_spmm(torch.tensor([1, 1]), torch.tensor([0]), None, torch.zeros(3, 2, dtype=torch.int8),
@@ -202,7 +247,7 @@ def test_spmm_close_to_fp32_and_gradient_unbiased(weighted, reduce):
 def _noting_hooks(note) -> CF.Hooks:
     """Hooks that keep every tensor as it is and pass each product's path to ``note``."""
     keep = lambda t, *_: CF._Kept(t)  # noqa: E731
-    return CF.Hooks(stash=keep, stash_codes=keep, keep=keep, seed=lambda: 1, note=note)
+    return CF.Hooks(stash=keep, stash_codes=keep, restore_rows=CF.quantize_rows, keep=keep, seed=lambda: 1, note=note)
 
 
 def test_spmm_falls_back_exactly_and_says_why():
@@ -324,6 +369,41 @@ def test_bits_8_stores_the_forwards_int8_codes_of_a_linear_input():
     with exactq.compress(bits=4, compute="int8", min_numel=0, seed=0) as session:  # below 8 bits: stored at bits
         lin(x * 1.0)
     assert session.report().by_op["linear"].stored_bytes < 500 * 48
+
+
+def test_below_8_bits_a_linear_input_is_decoded_straight_to_int8():
+    """Below 8 bits a linear layer's input is stored at ``bits``, and its backward decodes the stored
+    codes straight into the int8 operand (``exactq::dequantize_int8``; no float32 copy: ``dequantize``
+    never runs): the weights' gradient averages to that of the stored values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append((func, args))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 24)
+    x = torch.randn(500, 48, requires_grad=True)
+    g = torch.randn(500, 24)
+    with exactq.compress(bits=2, compute="int8", min_numel=0, seed=0) as session:
+        out = lin(x * 1.0)
+    assert session.report().by_op["linear"].stored_bytes < 500 * 48 / 3
+    with Calls() as calls:
+        torch.autograd.grad(out, lin.weight, g, retain_graph=True)
+    ops = [f for f, _ in calls.seen]
+    assert _ops.dequantize_int8 in ops and _ops.dequantize not in ops and _ops.dequantize_into not in ops
+    packed, stats, bits, block_size, level, rows, cols, _ = dict(calls.seen)[_ops.dequantize_int8]
+    stored = reference.dequantize(packed, stats, bits, block_size, level, rows * cols, torch.float32).view(rows, cols)
+    want = g.t() @ stored
+    draws = torch.stack([torch.autograd.grad(out, lin.weight, g, retain_graph=True)[0] for _ in range(100)])
+    single = _rel(draws[0], want)
+    assert single < 0.05 and _rel(draws.mean(0), want) < single / 3
+    assert session.report().compute["linear backward (weight): int8"] == 101
 
 
 def test_weight_gradient_over_many_rows_does_not_overflow():

@@ -22,6 +22,7 @@
 
 #include "../checks.h"
 #include "../common.h"
+#include "int8_rows.h"
 
 namespace exactq {
 namespace cpu {
@@ -47,11 +48,12 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void column_
   }
 }
 
+// ``x`` points at row r0 (rows [r0, r1) are x[0 .. (r1 - r0) * C)); rs and scale are indexed by the row.
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void row_scales(const float* x, const float* rs,
                                                                                int64_t r0, int64_t r1, int64_t C,
                                                                                float* scale) {
   for (int64_t i = r0; i < r1; ++i) {
-    const float* xr = x + i * C;
+    const float* xr = x + (i - r0) * C;
     const float r = rs != nullptr ? rs[i] : 1.0f;
     uint32_t m = 0;
     for (int64_t c = 0; c < C; ++c) {
@@ -94,7 +96,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t stochastic_codes_av
 }
 #endif
 
-// Codes of rows [r0, r1), with one scale per column (scale[c]) or per row (scale[i]). The uniform draw of
+// Codes of rows [r0, r1) (``x`` points at row r0), with one scale per column (scale[c]) or per row (scale[i]). The uniform draw of
 // element i * C + c needs the upper 32 index bits only once per row (unless the row straddles a multiple
 // of 2^32), so the inner loop is 32-bit integer and float work that vectorises.
 template <bool STOCHASTIC>
@@ -105,7 +107,7 @@ __attribute__((always_inline)) inline void codes_body(const float* x, const floa
   float* __restrict u = draws.data();
   std::vector<float> scaled(rs != nullptr ? C : 0);  // the row's products x * rs[i], made in cache
   for (int64_t i = r0; i < r1; ++i) {
-    const float* __restrict xr = x + i * C;
+    const float* __restrict xr = x + (i - r0) * C;
     if (rs != nullptr) {
       const float r = rs[i];
       for (int64_t c = 0; c < C; ++c) scaled[c] = xr[c] * r;
@@ -165,8 +167,8 @@ void int8_quantize_impl(const float* xp, const float* rs, int64_t N, int64_t C, 
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t b0 = r0; b0 < r1; b0 += grain) {
         const int64_t b1 = std::min(r1, b0 + grain);
-        row_scales(xp, rs, b0, b1, C, sp);
-        (stoch ? codes_stochastic : codes_nearest)(xp, rs, b0, b1, C, sp, true, keys, qp);
+        row_scales(xp + b0 * C, rs, b0, b1, C, sp);
+        (stoch ? codes_stochastic : codes_nearest)(xp + b0 * C, rs, b0, b1, C, sp, true, keys, qp);
       }
     });
     return;
@@ -184,9 +186,19 @@ void int8_quantize_impl(const float* xp, const float* rs, int64_t N, int64_t C, 
     sp[c] = int8_scale(m);
   }
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    (stoch ? codes_stochastic : codes_nearest)(xp, rs, r0, r1, C, sp, false, keys, qp);
+    (stoch ? codes_stochastic : codes_nearest)(xp + r0 * C, rs, r0, r1, C, sp, false, keys, qp);
   });
 }
+
+}  // namespace
+
+void int8_rows(const float* x, int64_t r0, int64_t r1, int64_t C, bool stochastic, RngKeys keys, float* scale,
+               int8_t* q) {
+  row_scales(x, nullptr, r0, r1, C, scale);
+  (stochastic ? codes_stochastic : codes_nearest)(x, nullptr, r0, r1, C, scale, true, keys, q);
+}
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& x_in, int64_t dim,
                                                      std::optional<int64_t> seed,

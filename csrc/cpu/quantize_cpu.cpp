@@ -17,10 +17,12 @@
 #include <array>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 #include <limits>
 
 #include "../checks.h"
 #include "../common.h"
+#include "int8_rows.h"
 
 namespace exactq {
 namespace cpu {
@@ -345,6 +347,52 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& stats, int
   return out;
 }
 
+// Elements [begin, end) of a quantized tensor decoded to float32 into out[0 .. end - begin): the values
+// dequantize writes (the same per-block table, the same unpacking).
+void decode_range(const uint8_t* pp, const uint16_t* sp, const Grid& g, int64_t block_size, int64_t begin,
+                  int64_t end, float* out) {
+  float lut[256];
+  for (int64_t b = begin / block_size; b * block_size < end; ++b) {
+    const float lo = bf16_to_float(sp[2 * b]);
+    const float range = bf16_to_float(sp[2 * b + 1]);
+    for (int k = 0; k <= g.top; ++k) lut[k] = lo + range * g.levels[k];
+    for (int k = g.top + 1; k < 16; ++k) lut[k] = 0.0f;
+    const int64_t s = std::max(begin, b * block_size), e = std::min(end, (b + 1) * block_size);
+    for_each_span(s, e, [&](int64_t s2, int64_t e2) { unpack_span<float>(pp, e2 - s2, s2, g.bits, lut, out + (s2 - begin)); });
+  }
+}
+
+// dequantize, viewed as [rows, cols], then int8_quantize(dim=1) of it, without the float32 tensor: each
+// task decodes a few rows into a buffer that stays in cache and makes their scales and codes from it.
+std::tuple<at::Tensor, at::Tensor> dequantize_int8_cpu(const at::Tensor& packed, const at::Tensor& stats, int64_t bits,
+                                                       int64_t block_size, std::optional<double> level,
+                                                       c10::SymInt rows_s, c10::SymInt cols_s,
+                                                       std::optional<int64_t> seed) {
+  check_args(bits, block_size, level.has_value());
+  const int64_t R = rows_s.expect_int(), C = cols_s.expect_int();
+  TORCH_CHECK(R >= 0 && C >= 0, "exactq: dequantize_int8 needs rows >= 0 and cols >= 0, got ", R, " and ", C);
+  check_dequantize_inputs(packed, stats, bits, block_size, R * C, at::kFloat);
+  at::Tensor q = at::empty({R, C}, packed.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({R}, packed.options().dtype(at::kFloat));
+  Grid g;
+  make_grid(&g, static_cast<int>(bits), level.has_value(), level.value_or(0.0));
+  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(stats.const_data_ptr<at::BFloat16>());
+  const RngKeys keys = make_keys(seed.value_or(0));
+  float* scp = scale.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  const int64_t grain = std::max<int64_t>(1, kSpan / std::max<int64_t>(C, 1));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(static_cast<size_t>(std::min(grain, r1 - r0) * C));
+    for (int64_t b0 = r0; b0 < r1; b0 += grain) {
+      const int64_t b1 = std::min(r1, b0 + grain);
+      decode_range(pp, sp, g, block_size, b0 * C, b1 * C, buf.data());
+      int8_rows(buf.data(), b0, b1, C, seed.has_value(), keys, scp, qp);
+    }
+  });
+  return {q, scale};
+}
+
 #if defined(__x86_64__)
 // float32 input: eight compares and one movemask per output byte.
 __attribute__((target("avx2"))) int64_t pack_mask_float_avx2(const float* x, int64_t b0, int64_t b1,
@@ -454,6 +502,7 @@ TORCH_LIBRARY_IMPL(exactq, CPU, m) {
   m.impl("quantize", &quantize_cpu);
   m.impl("dequantize", &dequantize_cpu);
   m.impl("dequantize_into", &dequantize_into_cpu);
+  m.impl("dequantize_int8", &dequantize_int8_cpu);
   m.impl("pack_mask", &pack_mask_cpu);
   m.impl("unpack_mask", &unpack_mask_cpu);
   m.impl("unpack_mask_into", &unpack_mask_into_cpu);

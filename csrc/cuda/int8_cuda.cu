@@ -41,23 +41,44 @@ __device__ __forceinline__ float load_scaled(const T* x, const float* rs, int64_
   return rs != nullptr ? __fmul_rn(load_float(x, i), rs[i / C]) : load_float(x, i);
 }
 
+// Element i of a row-major [n, C] tensor, read through a loader: Scaled (x, or x * rs[row]) or Decoded
+// (a quantized tensor's value, as dequantize_kernel computes it).
 template <typename T>
-__global__ void column_absmax_kernel(const T* __restrict__ x, const float* __restrict__ rs, int64_t n, int64_t C,
-                                     unsigned int* __restrict__ m) {
+struct Scaled {
+  const T* x;
+  const float* rs;
+  int64_t C;
+  __device__ __forceinline__ float operator()(int64_t i) const { return load_scaled(x, rs, i, C); }
+};
+
+struct Decoded {
+  const uint8_t* packed;
+  const uint16_t* stats;
+  int64_t block_size;
+  Grid g;
+  __device__ __forceinline__ float operator()(int64_t i) const {
+    const int cpb = 8 / g.bits;
+    const int64_t b = i / block_size;
+    const uint32_t code = (packed[i / cpb] >> ((i % cpb) * g.bits)) & ((1u << g.bits) - 1);
+    return bf16_to_float(stats[2 * b]) + bf16_to_float(stats[2 * b + 1]) * g.levels[code];
+  }
+};
+
+template <typename L>
+__global__ void column_absmax_kernel(L load, int64_t n, int64_t C, unsigned int* __restrict__ m) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n * C;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    atomicMax(m + (i % C), abs_bits(load_scaled(x, rs, i, C)));
+    atomicMax(m + (i % C), abs_bits(load(i)));
   }
 }
 
-template <typename T>
-__global__ void row_absmax_kernel(const T* __restrict__ x, const float* __restrict__ rs, int64_t n, int64_t C,
-                                  unsigned int* __restrict__ m) {
+template <typename L>
+__global__ void row_absmax_kernel(L load, int64_t n, int64_t C, unsigned int* __restrict__ m) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; r < n; r += warps) {
     unsigned int v = 0;
-    for (int64_t c = lane; c < C; c += 32) v = max(v, abs_bits(load_scaled(x, rs, r * C + c, C)));
+    for (int64_t c = lane; c < C; c += 32) v = max(v, abs_bits(load(r * C + c)));
     for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_down_sync(0xffffffffu, v, o));
     if (lane == 0) m[r] = v;
   }
@@ -69,15 +90,42 @@ __global__ void scales_kernel(const unsigned int* __restrict__ m, int64_t k, flo
     scale[i] = int8_scale(m[i]);
 }
 
-template <typename T>
-__global__ void codes_kernel(const T* __restrict__ x, const float* __restrict__ rs, int64_t n, int64_t C,
-                             const float* __restrict__ scale, bool per_row, bool stochastic, RngKeys keys,
-                             int8_t* __restrict__ q) {
+template <typename L>
+__global__ void codes_kernel(L load, int64_t n, int64_t C, const float* __restrict__ scale, bool per_row,
+                             bool stochastic, RngKeys keys, int8_t* __restrict__ q) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n * C;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float s = per_row ? scale[i / C] : scale[i % C];
     const float u = stochastic ? uniform_at(keys, static_cast<uint64_t>(i)) : 0.0f;
-    q[i] = int8_code(load_scaled(x, rs, i, C), s, stochastic, u);
+    q[i] = int8_code(load(i), s, stochastic, u);
+  }
+}
+
+// Per-row (dim=1) or per-column (dim=0) scales and codes of the [n, C] values `load` reads.
+template <typename L>
+void int8_codes(L load, int64_t n, int64_t C, int64_t dim, std::optional<int64_t> seed, const at::Tensor& q,
+                const at::Tensor& scale) {
+  const int64_t k = dim == 0 ? C : n;
+  at::Tensor m = at::zeros({k}, q.options().dtype(at::kInt));
+  auto* mp = reinterpret_cast<unsigned int*>(m.data_ptr<int32_t>());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (n * C > 0) {
+    if (dim == 0) {
+      column_absmax_kernel<<<blocks_for(n * C, kThreads), kThreads, 0, stream>>>(load, n, C, mp);
+    } else {
+      row_absmax_kernel<<<blocks_for(n, kThreads / 32), kThreads, 0, stream>>>(load, n, C, mp);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (k > 0) {
+    scales_kernel<<<blocks_for(k, kThreads), kThreads, 0, stream>>>(mp, k, scale.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (n * C > 0) {
+    codes_kernel<<<blocks_for(n * C, kThreads), kThreads, 0, stream>>>(
+        load, n, C, scale.data_ptr<float>(), dim == 1, seed.has_value(), make_keys(seed.value_or(0)),
+        q.data_ptr<int8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
@@ -87,36 +135,35 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cuda(const at::Tensor& x_in, in
   check_int8_quantize_input(x_in, dim, row_scale);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  const int64_t n = x.size(0), C = x.size(1), k = dim == 0 ? C : n;
+  const int64_t n = x.size(0), C = x.size(1);
   at::Tensor q = at::empty({n, C}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({k}, x.options().dtype(at::kFloat));
-  at::Tensor m = at::zeros({k}, x.options().dtype(at::kInt));
-  auto* mp = reinterpret_cast<unsigned int*>(m.data_ptr<int32_t>());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const RngKeys keys = make_keys(seed.value_or(0));
+  at::Tensor scale = at::empty({dim == 0 ? C : n}, x.options().dtype(at::kFloat));
   const float* rs = row_scale.has_value() ? row_scale->const_data_ptr<float>() : nullptr;
-  auto run = [&](auto* xp) {
-    if (n * C > 0) {
-      if (dim == 0) {
-        column_absmax_kernel<<<blocks_for(n * C, kThreads), kThreads, 0, stream>>>(xp, rs, n, C, mp);
-      } else {
-        row_absmax_kernel<<<blocks_for(n, kThreads / 32), kThreads, 0, stream>>>(xp, rs, n, C, mp);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    scales_kernel<<<blocks_for(k, kThreads), kThreads, 0, stream>>>(mp, k, scale.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (n * C > 0) {
-      codes_kernel<<<blocks_for(n * C, kThreads), kThreads, 0, stream>>>(
-          xp, rs, n, C, scale.data_ptr<float>(), dim == 1, seed.has_value(), keys, q.data_ptr<int8_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  };
   if (x.scalar_type() == at::kFloat) {
-    run(x.const_data_ptr<float>());
+    int8_codes(Scaled<float>{x.const_data_ptr<float>(), rs, C}, n, C, dim, seed, q, scale);
   } else {
-    run(x.const_data_ptr<c10::BFloat16>());
+    int8_codes(Scaled<c10::BFloat16>{x.const_data_ptr<c10::BFloat16>(), rs, C}, n, C, dim, seed, q, scale);
   }
+  return {q, scale};
+}
+
+// dequantize viewed as [rows, cols], then int8_quantize(dim=1), reading the codes twice (row maxima, then
+// codes) instead of writing and reading a float32 tensor.
+std::tuple<at::Tensor, at::Tensor> dequantize_int8_cuda(const at::Tensor& packed, const at::Tensor& stats,
+                                                        int64_t bits, int64_t block_size,
+                                                        std::optional<double> level, c10::SymInt rows_s,
+                                                        c10::SymInt cols_s, std::optional<int64_t> seed) {
+  check_args(bits, block_size, level.has_value());
+  const int64_t R = rows_s.expect_int(), C = cols_s.expect_int();
+  TORCH_CHECK(R >= 0 && C >= 0, "exactq: dequantize_int8 needs rows >= 0 and cols >= 0, got ", R, " and ", C);
+  check_dequantize_inputs(packed, stats, bits, block_size, R * C, at::kFloat);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor q = at::empty({R, C}, packed.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({R}, packed.options().dtype(at::kFloat));
+  Decoded load{packed.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(stats.const_data_ptr<at::BFloat16>()),
+               block_size, Grid{}};
+  make_grid(&load.g, static_cast<int>(bits), level.has_value(), level.value_or(0.0));
+  int8_codes(load, R, C, 1, seed, q, scale);
   return {q, scale};
 }
 
@@ -320,6 +367,7 @@ at::Tensor seeded_dropout_cuda(const at::Tensor& x_in, double p_d, int64_t seed)
 TORCH_LIBRARY_IMPL(exactq, CUDA, m) {
   m.impl("seeded_dropout", &seeded_dropout_cuda);
   m.impl("int8_quantize", &int8_quantize_cuda);
+  m.impl("dequantize_int8", &dequantize_int8_cuda);
   m.impl("int8_spmm", &int8_spmm_cuda);
   m.impl("int8_sddmm", &int8_sddmm_cuda);
   m.impl("int8_gemm_epilogue", &int8_gemm_epilogue_cuda);

@@ -11,10 +11,11 @@ Rules, stated once (tests/test_compute.py checks each):
   steps as exactq's storage does.
 * A sparse product needs no saved activation at all (its backward reads only the adjacency). A linear
   layer's input: with ``bits`` = 8 the int8 codes its forward product ran on are what is stored (Tango's
-  cached copies: nothing quantized again; its row scales move onto the gradient, multiplied in by the
-  gradient's own quantize kernel, so the weights' gradient is, in expectation, exactly that of the
-  product that ran); with ``bits`` < 8 it is handed to the session's storage (``stash``), kept at
-  ``bits`` and quantized to int8 again in backward.
+  cached copies: nothing quantized again); with ``bits`` < 8 it is handed to the session's storage
+  (``stash``), kept at ``bits`` and decoded in backward straight into int8 codes with a scale per row
+  (``exactq::dequantize_int8``: no float32 copy, stochastic rounding). Either way the weights' gradient
+  runs on per-row codes, whose row scales move onto the gradient (multiplied in by the gradient's own
+  quantize kernel), so it is, in expectation, exactly that of the operand stored.
 * An attention aggregation (GAT: per-head weights that need a gradient) keeps its weights exactly and
   hands its features to ``stash``; its weights' gradient is an int8 SDDMM (``exactq::int8_sddmm``), so
   no per-edge message is ever materialised or saved.
@@ -55,12 +56,14 @@ class Hooks:
     """What a compute op takes from its session: ``stash(t, name)`` stores a linear operand for backward
     (by the session's storage rules), ``stash_codes(t, (codes, scales), name)`` may store the int8 codes
     the forward made of it instead (``restore()`` then gives that pair), and ``keep(t, name, reason)``
-    keeps one exactly, each returning a handle whose ``restore()`` gives it back; ``seed()`` draws a
-    stochastic-rounding seed; ``note(op, path)`` counts a product by the path it ran (``"int8"`` or
-    ``"fp32: <reason>"``)."""
+    keeps one exactly, each returning a handle whose ``restore()`` gives it back;
+    ``restore_rows(handle, seed)`` gives a stashed 2-D operand as int8 codes with a scale per row;
+    ``seed()`` draws a stochastic-rounding seed; ``note(op, path)`` counts a product by the path it ran
+    (``"int8"`` or ``"fp32: <reason>"``)."""
 
     stash: Callable[[torch.Tensor, str], Any]
     stash_codes: Callable[[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], str], Any]
+    restore_rows: Callable[[Any, int], Tuple[torch.Tensor, torch.Tensor]]
     keep: Callable[[torch.Tensor, str, str], Any]
     seed: Callable[[], int]
     note: Callable[[str, str], None]
@@ -76,11 +79,16 @@ class _Kept:
         return self.t
 
 
+def quantize_rows(handle: Any, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``restore_rows`` of a handle that keeps its tensor: its int8 codes, a scale per row."""
+    return _quantize(handle.restore().float(), 1, seed)
+
+
 def _plain_hooks() -> Hooks:
     """Hooks outside a session: tensors kept as they are, seeds from torch's generator, nothing counted."""
     keep = lambda t, *_: _Kept(t)  # noqa: E731
-    return Hooks(stash=keep, stash_codes=keep, keep=keep, seed=lambda: int(torch.randint(0, 2**62, ()).item()),
-                 note=lambda op, path: None)
+    return Hooks(stash=keep, stash_codes=keep, restore_rows=quantize_rows, keep=keep,
+                 seed=lambda: int(torch.randint(0, 2**62, ()).item()), note=lambda op, path: None)
 
 
 def _finite(scale: torch.Tensor) -> bool:
@@ -324,19 +332,15 @@ class _Int8Linear(torch.autograd.Function):
                 gx = g @ weight.detach().float()
             gx = gx.to(ctx.dtype)
         if ctx.needs_input_grad[1]:
-            saved = ctx.x.restore()
-            if isinstance(saved, tuple):  # the forward's own codes: x's row scales move onto the gradient
-                xq, row_scale = saved
-                gq, gscale = _quantize(g, 0, hooks.seed(), row_scale)  # codes of g * row_scale, in one pass
-                xscale = torch.ones(xq.shape[1], device=xq.device)
-            else:
-                gq, gscale = _quantize(g, 0, hooks.seed())
-                xq, xscale = _quantize(saved.float(), 0, hooks.seed())
-            if _finite(gscale) and _finite(xscale):
+            # x's per-row codes; its row scales move onto the gradient (codes of g * row_scale, in one pass).
+            xq, row_scale = hooks.restore_rows(ctx.x, hooks.seed())
+            gq, gscale = _quantize(g, 0, hooks.seed(), row_scale)
+            if _finite(gscale) and _finite(row_scale):
                 hooks.note("linear backward (weight)", "int8")
-                gw = _int_mm_chunked(gq, xq, gscale, xscale)
+                gw = _int_mm_chunked(gq, xq, gscale, torch.ones(xq.shape[1], device=xq.device))
             else:
                 hooks.note("linear backward (weight)", "fp32: operand holds NaN/Inf")
+                saved = ctx.x.restore()
                 x = saved[0].float() * saved[1].unsqueeze(1) if isinstance(saved, tuple) else saved.float()
                 gw = g.t() @ x
             gw = gw.to(weight.dtype)

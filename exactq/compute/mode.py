@@ -71,5 +71,5 @@ def routed(hooks: CF.Hooks) -> Iterator[None]:
 
 def session_hooks(engine: Any) -> CF.Hooks:
     """The :class:`~exactq.compute.functional.Hooks` of a compression session's engine."""
-    return CF.Hooks(stash=engine.stash, stash_codes=engine.stash_codes, keep=engine.keep, seed=engine.next_seed,
-                    note=engine.note_compute)
+    return CF.Hooks(stash=engine.stash, stash_codes=engine.stash_codes, restore_rows=engine.restore_rows,
+                    keep=engine.keep, seed=engine.next_seed, note=engine.note_compute)

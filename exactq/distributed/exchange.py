@@ -57,16 +57,22 @@ def encode(rows: torch.Tensor, bits: Bits, seed: int) -> torch.Tensor:
     return torch.cat(parts + [rows.new_zeros((pad,), dtype=torch.uint8)])
 
 
-def decode(buf: torch.Tensor, rows: int, width: int, bits: Bits, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`encode` (up to the stochastic rounding); ``buf`` starts 4-byte aligned."""
+def decode(buf: torch.Tensor, rows: int, width: int, bits: Bits, dtype: torch.dtype,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inverse of :func:`encode` (up to the stochastic rounding); ``buf`` starts 4-byte aligned. With
+    ``out`` (a contiguous (rows, width) tensor of ``dtype``), written into it."""
     if rows == 0:
-        return buf.new_empty((0, width), dtype=dtype)
+        return buf.new_empty((0, width), dtype=dtype) if out is None else out
     if bits is None:
         n = rows * width * torch.empty((), dtype=dtype).element_size()
-        return buf[:n].view(dtype).view(rows, width)
+        values = buf[:n].view(dtype).view(rows, width)
+        return values if out is None else out.copy_(values)
     stats = buf[:rows * 4].view(torch.bfloat16).view(rows, 2)
     codes = buf[rows * 4:rows * 4 + (rows * width * bits + 7) // 8]
-    return _ops.dequantize(codes, stats, bits, width, None, rows * width, dtype).view(rows, width)
+    if out is None:
+        return _ops.dequantize(codes, stats, bits, width, None, rows * width, dtype).view(rows, width)
+    _ops.dequantize_into(codes, stats, bits, width, None, out)
+    return out
 
 
 @dataclass
@@ -109,17 +115,16 @@ class Exchanger:
     def _seed(self) -> int:
         return (draw_seed() ^ (self.rank * 0x9E3779B97F4A7C15)) % _MAX_SEED
 
-    def _exchange(self, rows: torch.Tensor, offsets, counts_send, counts_recv, bits_recv, bits_send, async_op):
-        """rows: the concatenated per-peer rows to send (peer q's at offsets[q]:offsets[q+1])."""
-        width, dtype = rows.shape[1], rows.dtype
+    def _exchange(self, rows_for, width: int, dtype, counts_send, counts_recv, bits_recv, bits_send, async_op):
+        """``rows_for(q)``: the rows to send to peer q, made one peer at a time (so at most one peer's float
+        rows exist besides the encoded bytes)."""
         seed = self._seed()
-        bufs = [encode(rows[offsets[q]:offsets[q + 1]], bits_send[q], (seed + q) % _MAX_SEED)
-                for q in range(len(counts_send))]
-        send = torch.cat(bufs) if bufs else rows.new_empty((0,), dtype=torch.uint8)
+        bufs = [encode(rows_for(q), bits_send[q], (seed + q) % _MAX_SEED) for q in range(len(counts_send))]
+        send = torch.cat(bufs)  # one message per rank of the group, so never empty
         out_splits = _splits(counts_recv, width, bits_recv, dtype)
-        out = torch.empty(sum(out_splits), dtype=torch.uint8, device=rows.device)
+        out = torch.empty(sum(out_splits), dtype=torch.uint8, device=send.device)
         self.stats.bytes_sent += send.numel()
-        self.stats.fp32_bytes += rows.shape[0] * width * 4
+        self.stats.fp32_bytes += sum(counts_send) * width * 4
         self.stats.exchanges += 1
         started = time.perf_counter()
         work = dist.all_to_all_single(out, send, out_splits, [b.numel() for b in bufs], group=self.group,
@@ -128,37 +133,48 @@ class Exchanger:
             self.stats.comm_seconds += time.perf_counter() - started
         return _Pending(work, out, width, dtype, bits_recv)
 
-    def _received(self, pending: _Pending, counts) -> torch.Tensor:
+    def _received(self, pending: _Pending, counts):
+        """Waits for an exchange; yields (peer, its rows decoded) one peer at a time."""
         if pending.work is not None:
             t = time.perf_counter()
             pending.work.wait()
             self.stats.comm_seconds += time.perf_counter() - t
-        parts, offset = [], 0
-        for c, b in zip(counts, pending.recv_bits):
+        offset = 0
+        for q, (c, b) in enumerate(zip(counts, pending.recv_bits)):
             size = message_nbytes(c, pending.width, b, pending.dtype)
-            parts.append(decode(pending.out[offset:offset + size], c, pending.width, b, pending.dtype))
+            yield q, pending.out[offset:offset + size], c, b
             offset += size
-        return torch.cat(parts) if parts else pending.out.new_empty((0, pending.width), dtype=pending.dtype)
 
     def start(self, x: torch.Tensor, send_bits, recv_bits, async_op: bool = True) -> _Pending:
         """Starts sending this rank's boundary rows of ``x`` (owned rows, 2-D)."""
+        index, off = self.plan.send_index, self._send_offsets
         with torch.no_grad():
-            rows = x.detach()[self.plan.send_index]
-            return self._exchange(rows, self._send_offsets, self.plan.send_counts, self.plan.recv_counts,
-                                  recv_bits, send_bits, async_op)
+            return self._exchange(lambda q: x.detach()[index[off[q]:off[q + 1]]], x.shape[1], x.dtype,
+                                  self.plan.send_counts, self.plan.recv_counts, recv_bits, send_bits, async_op)
 
-    def finish(self, pending: _Pending) -> torch.Tensor:
-        """The halo rows (in local halo order) of a started exchange."""
-        return self._received(pending, self.plan.recv_counts)
+    def finish(self, pending: _Pending, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The halo rows (in local halo order) of a started exchange, decoded into ``out`` (contiguous, one
+        row per halo row) where given."""
+        if out is None:
+            out = torch.empty((sum(self.plan.recv_counts), pending.width), dtype=pending.dtype,
+                              device=pending.out.device)
+        for q, buf, c, b in self._received(pending, self.plan.recv_counts):
+            o = self._recv_offsets[q]
+            decode(buf, c, pending.width, b, pending.dtype, out[o:o + c])
+        return out
 
-    def reverse(self, grad_halo: torch.Tensor, send_bits, recv_bits) -> torch.Tensor:
-        """Backward: sends halo-row gradients to their owners; returns the gradients this rank's sent
-        rows received, aligned with ``plan.send_index`` (the owner adds them up)."""
+    def reverse_into(self, grad_halo: torch.Tensor, grad_x: torch.Tensor, send_bits, recv_bits) -> None:
+        """Backward: sends halo-row gradients to their owners, and adds the gradients this rank's sent rows
+        received into ``grad_x`` (owned rows), one peer's message at a time."""
+        roff, soff, index = self._recv_offsets, self._send_offsets, self.plan.send_index
         with torch.no_grad():
             # Directions swap: what came from q goes back to q at the bits q used for it.
-            pending = self._exchange(grad_halo.contiguous(), self._recv_offsets, self.plan.recv_counts,
-                                     self.plan.send_counts, send_bits, recv_bits, async_op=False)
-            return self._received(pending, self.plan.send_counts)
+            pending = self._exchange(lambda q: grad_halo[roff[q]:roff[q + 1]], grad_halo.shape[1], grad_halo.dtype,
+                                     self.plan.recv_counts, self.plan.send_counts, send_bits, recv_bits,
+                                     async_op=False)
+            for q, buf, c, b in self._received(pending, self.plan.send_counts):
+                if c:
+                    grad_x.index_add_(0, index[soff[q]:soff[q] + c], decode(buf, c, pending.width, b, pending.dtype))
 
 
 class HaloExchange(torch.autograd.Function):
@@ -168,14 +184,18 @@ class HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, pending: _Pending, exchanger: Exchanger, send_bits, recv_bits):
         ctx.exchanger, ctx.bits = exchanger, (send_bits, recv_bits)
-        return torch.cat([x, exchanger.finish(pending)])
+        n = x.shape[0]
+        full = x.new_empty((n + sum(exchanger.plan.recv_counts), x.shape[1]))
+        full[:n] = x
+        exchanger.finish(pending, full[n:])  # decoded in place: no separate halo tensor
+        return full
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         ex = ctx.exchanger
         n = ex.num_local
         grad_x = grad[:n].clone()
-        grad_x.index_add_(0, ex.plan.send_index, ex.reverse(grad[n:], *ctx.bits))
+        ex.reverse_into(grad[n:], grad_x, *ctx.bits)
         return grad_x, None, None, None, None
 
 

@@ -43,12 +43,18 @@ _CACHE = 8
 
 @dataclass(frozen=True)
 class _Split:
-    """An edge list cut by target: central targets (rows [0, num_central)) need no halo row."""
+    """An edge list cut by target: central targets (rows [0, num_central)) need no halo row.
 
-    c_nodes: torch.Tensor  # input rows of the central call: central nodes first, then extra sources
+    Compact (layers that transform every source row before aggregating): each call's input rows are
+    gathered to its targets and the sources its edges read (``c_nodes`` / ``m_nodes``), so no row is
+    transformed that no edge reads. Otherwise ``c_nodes`` and ``m_nodes`` are ``None``: the central call
+    reads the owned rows and the marginal one the owned + halo rows as they are, without a copy of either
+    (sources keep their local numbers; marginal targets count from ``num_central``)."""
+
+    c_nodes: Optional[torch.Tensor]  # input rows of the central call: central nodes first, then extra sources
     c_edges: torch.Tensor  # edge positions
     c_edge_index: torch.Tensor
-    m_nodes: torch.Tensor  # marginal nodes first, then extra sources (owned or halo)
+    m_nodes: Optional[torch.Tensor]  # marginal nodes first, then extra sources (owned or halo)
     m_edges: torch.Tensor
     m_edge_index: torch.Tensor
 
@@ -89,8 +95,8 @@ class DistributedState:
         del cache[_CACHE:]
         return v
 
-    def split(self, edge_index: torch.Tensor) -> _Split:
-        return self._cached(self._splits, (edge_index,), lambda: self._make_split(edge_index))
+    def split(self, edge_index: torch.Tensor, compact: bool) -> _Split:
+        return self._cached(self._splits, (edge_index, compact), lambda: self._make_split(edge_index, compact))
 
     def check_edge_index(self, edge_index: object, layer: str) -> None:
         if not isinstance(edge_index, torch.Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2 \
@@ -109,13 +115,18 @@ class DistributedState:
                              f"{s.num_local + s.num_halo} (use shard.edge_index)")
         return True
 
-    def _make_split(self, edge_index: torch.Tensor) -> _Split:
+    def _make_split(self, edge_index: torch.Tensor, compact: bool) -> _Split:
         nc, nl = self.shard.num_central, self.shard.num_local
         src, dst = edge_index
         dev = edge_index.device
         central = dst < nc
         c_edges, m_edges = central.nonzero().view(-1), (~central).nonzero().view(-1)
         c_src, m_src = src[c_edges], src[m_edges]
+        if c_src.numel() and int(c_src.max()) >= nl:  # a central node with a halo source: broken shard
+            raise RuntimeError("shard ordering broken: a central node has a halo in-neighbour")
+        if not compact:
+            return _Split(None, c_edges, torch.stack([c_src, dst[c_edges]]),
+                          None, m_edges, torch.stack([m_src, dst[m_edges] - nc]))
         c_nodes = torch.cat([torch.arange(nc, device=dev), torch.unique(c_src[c_src >= nc])])
         m_nodes = torch.cat([torch.arange(nc, nl, device=dev), torch.unique(m_src[(m_src < nc) | (m_src >= nl)])])
         remap = torch.full((nl + self.shard.num_halo,), -1, dtype=torch.long, device=dev)
@@ -123,8 +134,6 @@ class DistributedState:
         c_ei = torch.stack([remap[c_src], dst[c_edges]])
         remap[m_nodes] = torch.arange(m_nodes.numel(), device=dev)
         m_ei = torch.stack([remap[m_src], remap[dst[m_edges]]])
-        if c_nodes.numel() and int(c_nodes.max()) >= nl:  # a central node with a halo source: broken shard
-            raise RuntimeError("shard ordering broken: a central node has a halo in-neighbour")
         return _Split(c_nodes, c_edges, c_ei, m_nodes, m_edges, m_ei)
 
     # -- sparse adjacencies ------------------------------------------------------------------------------
@@ -196,6 +205,10 @@ class _DistributedLayer:
         # Bipartite call (x_src, x_dst): the layer computes rows for the targets only, so modules it
         # applies to its output rows (GIN's MLP) see exactly the owned rows. GCNConv takes no pair.
         self.bipartite = not isinstance(conv, GCNConv)
+        # Layers that transform every source row before they aggregate get compact calls (only the rows
+        # edges read); the others read the owned / owned + halo rows as they are (no copies of them).
+        self.compact = not self.bipartite or isinstance(conv, (GATConv, GATv2Conv, TransformerConv)) \
+            or (isinstance(conv, SAGEConv) and conv.project)
         # A batch norm inside the layer must see all its rows in one call: no central/marginal split.
         self.overlap = state.overlap and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                                                  for m in conv.modules())
@@ -205,7 +218,8 @@ class _DistributedLayer:
         if not isinstance(out, torch.Tensor):
             raise NotImplementedError(f"{self.name}: exactq.distributed supports layers that return one tensor, "
                                       f"got {type(out).__name__}")
-        return out[:x_dst.shape[0]]
+        # A slice's backward allocates a gradient of its whole input: none where nothing is cut off.
+        return out if out.shape[0] == x_dst.shape[0] else out[:x_dst.shape[0]]
 
     def __call__(self, *args, **kwargs):
         conv, state = self.conv(), self.state
@@ -250,15 +264,17 @@ class _DistributedLayer:
         # Overlap: start the exchange, aggregate the central nodes (no halo source) while it travels,
         # then the marginal ones.
         pending = state.exchanger.start(x, send_bits, recv_bits, async_op=True)
-        split = state.split(edge_index)
-        out_c = self._call(forward, conv, x[split.c_nodes], x[:nc],
-                           graph(split.c_edge_index, nc, split.c_nodes.numel(), split.c_edges),
+        split = state.split(edge_index, self.compact)
+        # One split, not two slices: its backward writes both parts' gradients into one tensor.
+        x_central, x_marginal = torch.split(x, [nc, nl - nc])
+        x_c = x if split.c_nodes is None else x[split.c_nodes]
+        out_c = self._call(forward, conv, x_c, x_central, graph(split.c_edge_index, nc, x_c.shape[0], split.c_edges),
                            _edges(arguments, split.c_edges))
         x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits, pending)
         if state.adaptive is not None:
             state.adaptive.observe(self.index, x_full[nl:], edge_index)
-        out_m = self._call(forward, conv, x_full[split.m_nodes], x[nc:],
-                           graph(split.m_edge_index, nl - nc, split.m_nodes.numel(), split.m_edges),
+        x_m = x_full if split.m_nodes is None else x_full[split.m_nodes]
+        out_m = self._call(forward, conv, x_m, x_marginal, graph(split.m_edge_index, nl - nc, x_m.shape[0], split.m_edges),
                            _edges(arguments, split.m_edges))
         return torch.cat([out_c, out_m])
 
@@ -277,21 +293,48 @@ def _without_normalize(forward):
     return call
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; its backward sums the gradients over ranks (each rank's loss reads the sum)."""
+class _SyncBatchNorm(torch.autograd.Function):
+    """Training batch norm with statistics over every rank's rows, differentiated as a whole, as torch's
+    native batch norm: it saves only its input and the per-column statistics (a compression session
+    keeps them exactly, as it keeps whatever a custom autograd Function saves), and its backward sums
+    the two column sums it needs over the ranks in one all-reduce. Returns (y, mean, biased variance,
+    row count over ranks)."""
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-        return t
+    def forward(ctx, x, weight, bias, eps: float, group):  # type: ignore[override]
+        sums = torch.cat([x.new_full((1,), float(x.shape[0])), x.sum(0)])
+        dist.all_reduce(sums, group=group)
+        count, mean = sums[0], sums[1:] / sums[0]
+        # Two passes (mean, then centred squares) as a single-process batch norm: no cancellation.
+        var = ((x - mean) ** 2).sum(0)
+        dist.all_reduce(var, group=group)
+        var /= count
+        invstd = torch.rsqrt(var + eps)
+        y = (x - mean) * invstd
+        if weight is not None:
+            y = y * weight + bias
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.count, ctx.group = float(count), group
+        count = count.clone()
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+    def backward(ctx, gy, _gmean, _gvar, _gcount):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        xhat = (x - mean) * invstd
+        local = torch.cat([gy.sum(0), (gy * xhat).sum(0)])  # d bias, d weight over this rank's rows
+        c = mean.numel()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            total = local.clone()
+            dist.all_reduce(total, group=ctx.group)
+            scale = invstd if weight is None else invstd * weight
+            gx = (gy - total[:c] / ctx.count - xhat * (total[c:] / ctx.count)) * scale
+        # Parameter gradients stay this rank's share: the wrapper sums every parameter's over ranks.
+        if weight is not None:
+            gw, gb = local[c:], local[:c]
+        return gx, gw, gb, None, None
 
 
 class _GlobalBatchNorm:
@@ -307,22 +350,15 @@ class _GlobalBatchNorm:
             raise ValueError(f"exactq.distributed: batch norm over node rows needs a 2-D input, got {tuple(x.shape)}")
         if not (bn.training or not bn.track_running_stats):
             return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        count = torch.tensor([float(x.shape[0])], dtype=x.dtype, device=x.device)
-        dist.all_reduce(count, group=self.group)
-        # Two passes (mean, then centred squares) as a single-process batch norm: no cancellation.
-        mean = _AllReduceSum.apply(x.sum(0), self.group) / count
-        centred = x - mean
-        var = _AllReduceSum.apply((centred * centred).sum(0), self.group) / count
-        y = centred * torch.rsqrt(var + bn.eps)
-        if bn.affine:
-            y = y * bn.weight + bn.bias
+        y, mean, var, count = _SyncBatchNorm.apply(x, bn.weight if bn.affine else None,
+                                                   bn.bias if bn.affine else None, bn.eps, self.group)
         if bn.training and bn.track_running_stats:
             with torch.no_grad():
                 bn.num_batches_tracked += 1
                 f = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
                 n = float(count)
-                bn.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
-                bn.running_var.mul_(1 - f).add_(var.detach() * (n / max(n - 1, 1.0)), alpha=f)
+                bn.running_mean.mul_(1 - f).add_(mean, alpha=f)
+                bn.running_var.mul_(1 - f).add_(var * (n / max(n - 1, 1.0)), alpha=f)
         return y
 
 
