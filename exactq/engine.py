@@ -256,6 +256,10 @@ class HookEngine:
         self._seed = seed
         self._calls = 0
         self._pending: List[_Packed] = []
+        # Saved by a custom autograd Function (outside any op): settled at the end of the next op that
+        # reads a tensor with history, by the Function's declared rule if it is one of exactq's own
+        # (rules.FUNCTION_RULES) and that op reads its output, else kept as they are.
+        self._saved_by_function: List[_Packed] = []
         self._probe: Optional[List[_Packed]] = None  # handles unpacked while a node's field is read
         # Bytes already counted per storage id: of every saved tensor (original) and of those kept as
         # they are (stored). Then, keyed on (storage id, offset, shape, stride, dtype, version) plus the
@@ -317,7 +321,9 @@ class HookEngine:
         if self.tracker.current is None:
             # Saved outside any op: by a custom autograd Function (its ctx.save_for_backward runs after
             # its forward's ops), checkpoint's saved inputs among them, or by a backward with create_graph.
-            return self._keep_now(t, name, R.UNCOMPRESSED, rules.CUSTOM.reason)
+            handle = _Packed(t, op=name)
+            self._saved_by_function.append(handle)
+            return handle
         handle = _Packed(t, op=name)
         self._pending.append(handle)
         return handle
@@ -334,11 +340,16 @@ class HookEngine:
     def _op_end(self, func: Callable, args: tuple, kwargs: dict, outs: tuple, before: list) -> None:
         if len(outs) == 1:
             self.gathers.note(func, args, kwargs, outs[0])
-        if not self._pending or not self._innermost():
+        if not (self._pending or self._saved_by_function) or not self._innermost():
             return  # nothing saved, or saved into other hooks (e.g. a checkpointed region's)
-        # The op's new nodes hang off its outputs, down to the nodes that existed before it.
-        roots = [t.grad_fn for t in outs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-        self._resolve(roots, set(before))
+        if self._saved_by_function and before and torch.is_grad_enabled():
+            # A Function's saves are packed as its apply returns; the next op that extends the graph is
+            # the one that reads its output, if any, and sees its node among the nodes before it.
+            self._settle_functions([n for n in before if rules.declared_function(n)])
+        if self._pending:
+            # The op's new nodes hang off its outputs, down to the nodes that existed before it.
+            roots = [t.grad_fn for t in outs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+            self._resolve(roots, set(before))
 
     def _innermost(self) -> bool:
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
@@ -346,7 +357,21 @@ class HookEngine:
 
     def finish(self) -> None:
         """Settle what is still pending when the session ends (saved outside any traceable op)."""
+        self._settle_functions([])
         self._resolve([], set())
+
+    def _settle_functions(self, nodes: List[Any]) -> None:
+        """Settle the saves of custom autograd Functions: by their rule those of ``nodes`` (exactq's own
+        Functions) hold, the rest kept as they are."""
+        waiting, self._saved_by_function = self._saved_by_function, []
+        with torch.no_grad():
+            for node in dict.fromkeys(nodes):  # once each, in order
+                values, handles = self._probe_node(node, ("saved_tensors",))
+                if handles:
+                    self._settle_node(node, values, handles)
+            for h in waiting:
+                if h.pending is not None:
+                    self._settle(h, rules.CUSTOM, None, "", {})
 
     def _resolve(self, roots: List[Any], seen: set) -> None:
         waiting = len(self._pending)
@@ -401,7 +426,7 @@ class HookEngine:
         for field, hs in handles.items():
             form = rules.CUSTOM if rule is None else rule.get(field, rules.QUANTIZE)
             for h in hs:
-                self._settle(h, form, node, f"{node_name}.{field}", values)
+                self._settle(h, _form_of(form, values[field], h), node, f"{node_name}.{field}", values)
 
     # -- storage forms ----------------------------------------------------------------------------
     def _settle(self, h: _Packed, form: rules.Form, node: Any, saved: str, values: Dict[str, Any]) -> None:
@@ -683,6 +708,18 @@ class HookEngine:
 
     def report(self) -> R.MemoryReport:
         return R.MemoryReport.from_records(self.records, self.compute_counts)
+
+
+def _form_of(form: Any, saved: Any, h: _Packed) -> rules.Form:
+    """A field's form; for forms by position (:data:`rules.FUNCTION_RULES`), the form at the position of
+    ``h``'s tensor in ``saved`` (kept where it is not found)."""
+    if not isinstance(form, tuple):
+        return form
+    t = h.pending
+    # A Function's saved input comes back as a new tensor object over the same memory.
+    at = next((i for i, v in enumerate(saved or ()) if isinstance(v, torch.Tensor) and v.data_ptr() == t.data_ptr()
+               and v.shape == t.shape and v.stride() == t.stride() and v.dtype == t.dtype), None)
+    return form[at] if at is not None and at < len(form) else rules.CUSTOM
 
 
 def _grow(seen: StorageKeyed, t: torch.Tensor, nbytes: int) -> int:

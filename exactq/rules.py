@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -279,12 +279,34 @@ RULES: Dict[str, Union[Dict[str, Form], Callable[[Any, Mapping[str, Any]], Dict[
 }
 
 
-def node_rule(node: Any, values: Optional[Mapping[str, Any]] = None) -> Optional[Dict[str, Form]]:
+# exactq's own autograd Functions, whose backward is known, by module-qualified class name: the form of
+# each tensor they save, by its position in ``ctx.save_for_backward`` (the saves of any other custom
+# Function are kept as they are).
+FUNCTION_RULES: Dict[str, Tuple[Form, ...]] = {
+    # exactq.distributed's global batch norm saves (input, weight, mean, invstd) and reads them as
+    # torch's native batch norm reads its own.
+    "exactq.distributed.model._SyncBatchNorm": (NORMAL, STATS, STATS, STATS),
+}
+
+
+def _function_forms(node: Any) -> Optional[Tuple[Form, ...]]:
+    cls = getattr(node, "_forward_cls", None)
+    return None if cls is None else FUNCTION_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
+def declared_function(node: Any) -> bool:
+    """Whether ``node`` is the backward of a custom autograd Function listed in :data:`FUNCTION_RULES`."""
+    return _is_custom(node) and _function_forms(node) is not None
+
+
+def node_rule(node: Any, values: Optional[Mapping[str, Any]] = None) -> Optional[Dict[str, Any]]:
     """The forms for ``node``'s saved fields (missing fields: quantized), or ``None`` for a custom
-    autograd Function, whose backward exactq cannot read (all its saved tensors are kept). ``values``:
-    the fields' tensors as saved (a rule may depend on them, e.g. a square's two operands being one)."""
+    autograd Function, whose backward exactq cannot read (all its saved tensors are kept), unless it is
+    in :data:`FUNCTION_RULES` (then ``{"saved_tensors": forms by position}``). ``values``: the fields'
+    tensors as saved (a rule may depend on them, e.g. a square's two operands being one)."""
     if _is_custom(node):
-        return None
+        forms = _function_forms(node)
+        return None if forms is None else {"saved_tensors": forms}
     rule = RULES.get(type(node).__name__, {})
     return rule(node, values or {}) if callable(rule) else rule
 

@@ -372,3 +372,35 @@ def test_command_line_partition_and_local_training(tmp_path):
     assert summary["world"] == 2 and summary["epochs"] == 3 and 0 <= summary["test_at_best_val"] <= 1
     assert summary["fp32_bytes_per_epoch"] >= 12 * summary["bytes_per_epoch"] > 0  # 128-wide features, 2 bits
     assert "x less" in proc.stdout
+
+
+def _stored_worker(rank, world, out_dir):
+    data = synthetic_graph(2000, 32, 16000, 4, signal=1.0, seed=3)
+    s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)
+    torch.manual_seed(0)
+    model = xd.wrap(build_model("sage", 32, 64, 4, 3, norm="batch_norm", dropout=0.0), s, message_bits=2)
+    with exactq.compress(bits=2, min_numel=0) as session:
+        out = model(s.x, s.edge_index)
+    shard_loss(out, s.y, s.train_mask, s.global_counts["train_mask"]).backward()
+    report = session.report()
+    torch.save({"stored": report.stored_bytes, "rows": s.num_local + s.num_halo,
+                "custom": sum(t.stored_bytes for reason, t in report.kept.items() if "custom autograd" in reason)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ranks_store_compressed_activations_as_one_process_does(tmp_path):
+    """A rank stores its activations as compressed as one process does: global batch norm (an autograd
+    Function of exactq's own, with its saved tensors' forms declared in rules.FUNCTION_RULES) has its input
+    stored compressed as torch's native batch norm has, not kept as an unknown Function's saves are; the
+    ranks' stored bytes per row of their layer inputs (owned + halo) are within 1.5x of one process's."""
+    xd.spawn(_stored_worker, 2, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    data = synthetic_graph(2000, 32, 16000, 4, signal=1.0, seed=3)
+    torch.manual_seed(0)
+    model = build_model("sage", 32, 64, 4, 3, norm="batch_norm", dropout=0.0)
+    with exactq.compress(bits=2, min_numel=0) as session:
+        model(data.x, data.edge_index)
+    per_row = session.report().stored_bytes / data.num_nodes
+    for r in ranks:
+        assert r["custom"] == 0, r
+        assert r["stored"] / r["rows"] <= 1.5 * per_row, (r, per_row)

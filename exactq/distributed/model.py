@@ -73,6 +73,7 @@ class DistributedState:
         self._gcn: List[Tuple[tuple, object]] = []
         self._sparse: List[Tuple[tuple, object]] = []
         self._csrs: List[Tuple[tuple, object]] = []
+        self._rows: List[Tuple[tuple, object]] = []
         self.hooks: list = []
 
     # -- bits -------------------------------------------------------------------------------------
@@ -137,13 +138,30 @@ class DistributedState:
         return _Split(c_nodes, c_edges, c_ei, m_nodes, m_edges, m_ei)
 
     # -- sparse adjacencies ------------------------------------------------------------------------------
-    def edges_of(self, adj: torch.Tensor, layer: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The local edge list (sources, targets) and values of a sparse adjacency (rows = targets)."""
+    def check_adjacency(self, adj: torch.Tensor, layer: str) -> None:
         s = self.shard
         if tuple(adj.shape) != (s.num_local, s.num_local + s.num_halo):
             raise ValueError(f"{layer}: the sparse adjacency must be (num_local, num_local + num_halo) = "
                              f"({s.num_local}, {s.num_local + s.num_halo}) with rows = targets "
                              f"(shard.sparse_adjacency()), got {tuple(adj.shape)}")
+
+    def csr_rows(self, adj: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A CSR adjacency's central rows over the owned columns, and its marginal rows over all columns:
+        slices of its arrays (central nodes have no halo source, and come first)."""
+        def make():
+            nc, nl = self.shard.num_central, self.shard.num_local
+            crow, col, values = adj.crow_indices(), adj.col_indices(), adj.values()
+            k = int(crow[nc])
+            if k and int(col[:k].max()) >= nl:
+                raise RuntimeError("shard ordering broken: a central node has a halo in-neighbour")
+            central = torch.sparse_csr_tensor(crow[:nc + 1], col[:k], values[:k], (nc, nl))
+            marginal = torch.sparse_csr_tensor(crow[nc:] - k, col[k:], values[k:], (nl - nc, adj.shape[1]))
+            return central, marginal
+        return self._cached(self._rows, (adj,), make)
+
+    def edges_of(self, adj: torch.Tensor, layer: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The local edge list (sources, targets) and values of a sparse adjacency (rows = targets)."""
+        self.check_adjacency(adj, layer)
 
         def make():
             coo = adj.to_sparse_coo().coalesce() if adj.layout == torch.sparse_csr else adj.coalesce()
@@ -235,14 +253,19 @@ class _DistributedLayer:
             raise NotImplementedError(f"{self.name}: an explicit size is not supported distributed")
         if arguments.get("return_attention_weights"):
             raise NotImplementedError(f"{self.name}: return_attention_weights is not supported distributed")
-        # A torch.sparse adjacency (shard.sparse_adjacency()) aggregates by sparse matmul; the edge list
-        # behind it is cut and normalised as edge_index would be, then turned back into CSR (cached).
+        # A torch.sparse adjacency (shard.sparse_adjacency()) aggregates by sparse matmul. A CSR read by a
+        # layer that aggregates raw source rows is used as it is (overlap: its central and marginal rows are
+        # slices of its arrays); otherwise the edge list behind it is cut and normalised as edge_index
+        # would be, then turned back into CSR (cached).
         sparse = isinstance(edge_index, torch.Tensor) and edge_index.layout in (torch.sparse_csr, torch.sparse_coo)
         weights = None
-        if sparse:
-            if not isinstance(conv, _SPARSE_LAYERS):
-                raise NotImplementedError(f"{self.name}: a sparse adjacency is supported for "
-                                          f"{', '.join(c.__name__ for c in _SPARSE_LAYERS)}; pass shard.edge_index")
+        if sparse and not isinstance(conv, _SPARSE_LAYERS):
+            raise NotImplementedError(f"{self.name}: a sparse adjacency is supported for "
+                                      f"{', '.join(c.__name__ for c in _SPARSE_LAYERS)}; pass shard.edge_index")
+        as_is = sparse and edge_index.layout == torch.sparse_csr and not self.compact and state.adaptive is None
+        if as_is:
+            state.check_adjacency(edge_index, self.name)
+        elif sparse:
             edge_index, weights = state.edges_of(edge_index, self.name)
         else:
             state.check_edge_index(edge_index, self.name)
@@ -253,29 +276,35 @@ class _DistributedLayer:
             forward = _without_normalize(forward)
             arguments["edge_weight"] = None if sparse else weights
         send_bits, recv_bits = state.bits_for(self.index)
-        nc, nl = shard.num_central, shard.num_local
+        nc, nl, nh = shard.num_central, shard.num_local, shard.num_halo
         graph = (lambda ei, n_dst, n_src, at=None: state.csr(ei, weights, n_dst, n_src, at)) if sparse else \
             (lambda ei, n_dst, n_src, at=None: ei)
         if not self.overlap:
             x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits)
             if state.adaptive is not None:
                 state.adaptive.observe(self.index, x_full[nl:], edge_index)
-            return self._call(forward, conv, x_full, x, graph(edge_index, nl, x_full.shape[0]), arguments)
+            return self._call(forward, conv, x_full, x, edge_index if as_is else graph(edge_index, nl, nl + nh),
+                              arguments)
         # Overlap: start the exchange, aggregate the central nodes (no halo source) while it travels,
         # then the marginal ones.
         pending = state.exchanger.start(x, send_bits, recv_bits, async_op=True)
-        split = state.split(edge_index, self.compact)
+        if as_is:
+            c_nodes = m_nodes = None
+            c_graph, m_graph = state.csr_rows(edge_index)
+            c_args = m_args = arguments
+        else:
+            split = state.split(edge_index, self.compact)
+            c_nodes, m_nodes = split.c_nodes, split.m_nodes
+            c_graph = graph(split.c_edge_index, nc, nl if c_nodes is None else c_nodes.numel(), split.c_edges)
+            m_graph = graph(split.m_edge_index, nl - nc, nl + nh if m_nodes is None else m_nodes.numel(), split.m_edges)
+            c_args, m_args = _edges(arguments, split.c_edges), _edges(arguments, split.m_edges)
         # One split, not two slices: its backward writes both parts' gradients into one tensor.
         x_central, x_marginal = torch.split(x, [nc, nl - nc])
-        x_c = x if split.c_nodes is None else x[split.c_nodes]
-        out_c = self._call(forward, conv, x_c, x_central, graph(split.c_edge_index, nc, x_c.shape[0], split.c_edges),
-                           _edges(arguments, split.c_edges))
+        out_c = self._call(forward, conv, x if c_nodes is None else x[c_nodes], x_central, c_graph, c_args)
         x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits, pending)
         if state.adaptive is not None:
             state.adaptive.observe(self.index, x_full[nl:], edge_index)
-        x_m = x_full if split.m_nodes is None else x_full[split.m_nodes]
-        out_m = self._call(forward, conv, x_m, x_marginal, graph(split.m_edge_index, nl - nc, x_m.shape[0], split.m_edges),
-                           _edges(arguments, split.m_edges))
+        out_m = self._call(forward, conv, x_full if m_nodes is None else x_full[m_nodes], x_marginal, m_graph, m_args)
         return torch.cat([out_c, out_m])
 
 
