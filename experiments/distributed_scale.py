@@ -2,7 +2,7 @@
 memory per rank with 4 ranks against one process.
 
     python experiments/distributed_scale.py [--quick] [--sections projection memory] [--scale 1.0]
-                                            [--memory-scale 0.5] [--epochs 2]
+                                            [--memory-scale 0.5] [--epochs 2] [--locality 0.9]
 
 Graph: 2,449,029 nodes, 100 features, 61,859,140 directed edges, 47 classes, 90% of the edges within
 communities (real graphs cluster; METIS then cuts ~10% of the edges, as on real products). Model:
@@ -18,7 +18,8 @@ GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
 * memory: peak resident memory (VmHWM) of each of 4 ranks training on their shards (each loads only
   its own shard from a partition directory) against one process training on the whole graph, both
   with exactq INT2 activations, at ``--memory-scale`` (0.5: four full-size ranks with their halos do
-  not fit together in this machine's 24 GiB).
+  not fit together in this machine's 24 GiB), and ``--locality`` of the edges within communities (the
+  rest join random nodes: they make the halo).
 """
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ WIDTHS = (100, 256, 256)
 ADAQP_SPEEDUP = 3.01
 
 
-def products(scale: float):
+def products(scale: float, locality: float = 0.9):
     n, f, e, c = PAPER_GRAPHS["ogbn-products"]
-    return synthetic_graph(max(1000, int(n * scale)), f, int(e * scale), c, signal=0.2, locality=0.9, seed=0)
+    return synthetic_graph(max(1000, int(n * scale)), f, int(e * scale), c, signal=0.2, locality=locality, seed=0)
 
 
 def exchange_rows(edge_index, parts, world):
@@ -190,19 +191,19 @@ def _rank_memory(rank, world, parts_dir, epochs, out_dir):
                    "num_halo": shard.num_halo}, f)
 
 
-def _single_process(scale: float, epochs: int) -> dict:
+def _single_process(scale: float, epochs: int, locality: float) -> dict:
     from exactq.data import with_sparse_adjacency
 
-    data = with_sparse_adjacency(products(scale))
+    data = with_sparse_adjacency(products(scale, locality))
     torch.manual_seed(0)
     model = build_model("sage", data.num_features, 256, 47, 3)
     times = _train(model, data.x, data.adj_t, data.y, data.train_mask, int(data.train_mask.sum()), epochs)
     return {"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times}
 
 
-def memory(scale: float, epochs: int, world: int = 4):
+def memory(scale: float, epochs: int, locality: float, world: int = 4):
     rows = []
-    one = subprocess.run([sys.executable, __file__, "--single-process", str(scale), str(epochs)],
+    one = subprocess.run([sys.executable, __file__, "--single-process", str(scale), str(epochs), str(locality)],
                          capture_output=True, text=True)
     line = [l for l in one.stdout.splitlines() if l.startswith("RESULT ")]
     single = json.loads(line[0][7:]) if line else {"peak_rss_gb": float("nan"), "epoch_s": [float("nan")],
@@ -214,7 +215,8 @@ def memory(scale: float, epochs: int, world: int = 4):
     with tempfile.TemporaryDirectory() as d:
         parts_dir = os.path.join(d, "parts")
         subprocess.run([sys.executable, "-m", "exactq", "partition", "--dataset", "ogbn-products-shape", "--scale",
-                        str(scale), "--signal", "0.2", "--parts", str(world), "--dir", parts_dir], check=True)
+                        str(scale), "--signal", "0.2", "--locality", str(locality), "--parts", str(world),
+                        "--dir", parts_dir], check=True)
         xd.spawn(_rank_memory, world, args=(parts_dir, epochs, d), timeout=7200, pg_timeout=1800)
         for r in range(world):
             with open(os.path.join(d, f"rank{r}.json")) as f:
@@ -227,13 +229,16 @@ def memory(scale: float, epochs: int, world: int = 4):
 
 
 def main(argv=None):
-    if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--single-process":
-        print("RESULT " + json.dumps(_single_process(float(sys.argv[2]), int(sys.argv[3]))))
+    if argv is None and len(sys.argv) == 5 and sys.argv[1] == "--single-process":
+        print("RESULT " + json.dumps(_single_process(float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))))
         return
     p = parser(__doc__)
     p.add_argument("--sections", nargs="+", default=["projection", "memory"], choices=["projection", "memory"])
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--locality", type=float, default=0.9,
+                   help="memory section: fraction of edges within communities (the rest join random nodes, and "
+                        "make the halo)")
     p.add_argument("--memory-scale", type=float, default=0.5,
                    help="graph scale of the memory section: 4 ranks of the full graph, each with its halo, do not "
                         "fit together in this machine's 24 GiB (one machine each is the point)")
@@ -253,10 +258,12 @@ def main(argv=None):
     if "memory" in args.sections:
         with Timer() as timer:
             mscale = scale if args.quick else args.memory_scale
-            rows = memory(mscale, 1 if args.quick else args.epochs)
-        print(write_results(args.out, f"distributed_memory{suffix}", rows,
-                            f"Peak resident memory per process, ogbn-products-shaped graph (scale {mscale}), GraphSAGE "
-                            "3 x 256, exactq INT2 activations, 2-bit messages; one process vs 4 ranks on this machine.",
+            rows = memory(mscale, 1 if args.quick else args.epochs, args.locality)
+        stem = f"distributed_memory{suffix}" + ("" if args.locality == 0.9 else f"_locality{args.locality}")
+        print(write_results(args.out, stem, rows,
+                            f"Peak resident memory per process, ogbn-products-shaped graph (scale {mscale}, "
+                            f"{args.locality:.0%} of edges within communities), GraphSAGE 3 x 256, exactq INT2 "
+                            "activations, 2-bit messages; one process vs 4 ranks on this machine.",
                             command_line(), timer.seconds).read_text())
 
 

@@ -334,14 +334,16 @@ class _SyncBatchNorm(torch.autograd.Function):
         sums = torch.cat([x.new_full((1,), float(x.shape[0])), x.sum(0)])
         dist.all_reduce(sums, group=group)
         count, mean = sums[0], sums[1:] / sums[0]
-        # Two passes (mean, then centred squares) as a single-process batch norm: no cancellation.
-        var = ((x - mean) ** 2).sum(0)
+        # Two passes (mean, then centred squares) as a single-process batch norm: no cancellation. In
+        # place where it can be: a row-sized temporary is as large as the layer's output.
+        y = x - mean
+        var = y.square().sum(0)
         dist.all_reduce(var, group=group)
         var /= count
         invstd = torch.rsqrt(var + eps)
-        y = (x - mean) * invstd
+        y.mul_(invstd)
         if weight is not None:
-            y = y * weight + bias
+            y.mul_(weight).add_(bias)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.count, ctx.group = float(count), group
         count = count.clone()
@@ -351,7 +353,7 @@ class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar, _gcount):  # type: ignore[override]
         x, weight, mean, invstd = ctx.saved_tensors
-        xhat = (x - mean) * invstd
+        xhat = (x - mean).mul_(invstd)
         local = torch.cat([gy.sum(0), (gy * xhat).sum(0)])  # d bias, d weight over this rank's rows
         c = mean.numel()
         gx = gw = gb = None
@@ -359,7 +361,8 @@ class _SyncBatchNorm(torch.autograd.Function):
             total = local.clone()
             dist.all_reduce(total, group=ctx.group)
             scale = invstd if weight is None else invstd * weight
-            gx = (gy - total[:c] / ctx.count - xhat * (total[c:] / ctx.count)) * scale
+            # (gy - mean(gy) - xhat * mean(gy * xhat)) * scale, in xhat's memory.
+            gx = xhat.mul_(-total[c:] / ctx.count).add_(gy).sub_(total[:c] / ctx.count).mul_(scale)
         # Parameter gradients stay this rank's share: the wrapper sums every parameter's over ranks.
         if weight is not None:
             gw, gb = local[c:], local[:c]
