@@ -134,7 +134,7 @@ class Exchanger:
         return _Pending(work, out, width, dtype, bits_recv)
 
     def _received(self, pending: _Pending, counts):
-        """Waits for an exchange; yields (peer, its rows decoded) one peer at a time."""
+        """Waits for an exchange; yields (peer, its message bytes, rows, bits) one peer at a time."""
         if pending.work is not None:
             t = time.perf_counter()
             pending.work.wait()
