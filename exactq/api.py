@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional, TypeVar
+import dataclasses
+from typing import Any, Callable, Optional, Tuple, TypeVar
 
 import torch
 
 from . import functional as EF
 from .compute.mode import routed, session_hooks
+from .compute.structure import cache_mark, cached_bytes_since
 from .config import Config, make_config
 from .engine import HookEngine, OpTracker
 from .report import MemoryReport
@@ -29,6 +31,7 @@ class CompressionSession(contextlib.ContextDecorator):
         self.last: Optional["CompressionSession"] = None
         self._engine: Optional[HookEngine] = None
         self._stack: Optional[contextlib.ExitStack] = None
+        self._cache_mark: Optional[Tuple[int, int]] = None
 
     def __enter__(self) -> "CompressionSession":
         if self._engine is not None:
@@ -40,6 +43,7 @@ class CompressionSession(contextlib.ContextDecorator):
             stack.enter_context(tracker)
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._engine.pack, self._engine.unpack))
             if self.config.compute is not None:  # innermost: it sees the model's ops first
+                self._cache_mark = cache_mark()
                 stack.enter_context(routed(session_hooks(self._engine)))
             self._stack = stack.pop_all()
         return self
@@ -62,7 +66,10 @@ class CompressionSession(contextlib.ContextDecorator):
             if self.last is not None:
                 return self.last.report()
             raise RuntimeError("the session has not run yet: use it as `with exactq.compress(...) as s:`")
-        return self._engine.report()
+        report = self._engine.report()
+        if self._cache_mark is None:
+            return report
+        return dataclasses.replace(report, graph_cache_bytes=cached_bytes_since(self._cache_mark))
 
 
 def compress(config: Optional[Config] = None, **options: Any) -> CompressionSession:

@@ -62,6 +62,9 @@ class MemoryReport:
         kept: totals of the activations kept exactly, per reason (see :mod:`exactq.rules`).
         compute: with ``compute="int8"``, how many products ran each path, keyed ``"op: path"`` (``int8``,
             or ``fp32: <reason>`` for a fallback; see :mod:`exactq.compute.functional`).
+        graph_cache_bytes: with ``compute="int8"``, bytes of the graph structures (a graph's CSR and its
+            transpose) built during the session and still cached: graph memory made once per graph and
+            reused by later forwards and sessions, not activations, so not in the totals above.
     """
 
     original_bytes: int
@@ -71,6 +74,7 @@ class MemoryReport:
     by_op: Dict[str, Totals] = field(default_factory=dict)
     kept: Dict[str, Totals] = field(default_factory=dict)
     compute: Dict[str, int] = field(default_factory=dict)
+    graph_cache_bytes: int = 0
 
     @property
     def ratio(self) -> float:
@@ -114,6 +118,9 @@ class MemoryReport:
         if self.kept:
             lines.append("")
             lines += self._rows("kept exactly, because", self.kept.items(), width=60)
+        if self.graph_cache_bytes:
+            lines += ["", f"graph structures built for int8 compute and cached (graph memory, reused by later "
+                          f"forwards): {_mb(self.graph_cache_bytes)} MB"]
         if self.compute:
             lines += ["", f"{'compute (products so far, by path)':<60} {'count':>6}"]
             lines += [f"{k:<60} {v:>6}" for k, v in sorted(self.compute.items())]

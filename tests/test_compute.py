@@ -781,3 +781,27 @@ def test_dropout_backward_regenerates_the_mask_and_stores_nothing():
     for bad in (dict(p=0.5, inplace=True), dict(p=1.0)):
         assert CF.dropout(torch.ones(4, 4), **bad).shape == (4, 4)  # torch's dropout serves these
     assert torch.equal(CF.dropout(x, 0.5, training=False), x)
+
+
+def test_report_counts_the_graph_structures_built_for_int8_compute():
+    """The graph's CSR and transpose, built once per graph by the first int8 session on it, are graph
+    memory the report shows on their own line (not in the activation totals); a later session on the same
+    graph reuses them and builds nothing."""
+    from torch_geometric.nn import GraphSAGE
+
+    data = _planetoid_like(seed=11)  # a graph no other test uses: nothing of it is cached yet
+    e = data.edge_index.shape[1]
+    torch.manual_seed(0)
+    model = GraphSAGE(32, 16, 2, 4)
+    with exactq.compress(compute="int8") as first:
+        model(data.x, data.edge_index)
+    with exactq.compress(compute="int8") as second:
+        model(data.x, data.edge_index)
+    built = first.report().graph_cache_bytes
+    # at least the edge_index copy (2E), the CSR's columns, the transpose's columns and permutation (3E)
+    assert built >= 5 * e * 8, built
+    assert "graph structures built for int8 compute" in str(first.report())
+    assert second.report().graph_cache_bytes == 0
+    with exactq.compress(bits=2) as storage_only:
+        model(data.x, data.edge_index)
+    assert storage_only.report().graph_cache_bytes == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -97,6 +97,14 @@ class _Recent:
     def clear(self) -> None:
         self._entries.clear()
 
+    def mark(self) -> int:
+        """A mark of this cache's state: :meth:`since` gives the entries made after it."""
+        return self._next
+
+    def since(self, mark: int) -> list:
+        """The entries made after ``mark`` that the cache still holds."""
+        return [e for k, e in self._entries.items() if k >= mark]
+
 
 class StructureCache(_Recent):
     """:class:`Structure` s of the last few CSR matrices, found again by content."""
@@ -174,3 +182,18 @@ def _edge_csr(edge_index: torch.Tensor, sources: int, targets: int) -> Optional[
 
 
 EDGE_INDEX_CSRS = EdgeIndexCache()
+
+
+def cache_mark() -> Tuple[int, int]:
+    """Where the graph-structure caches stand now (for :func:`cached_bytes_since`)."""
+    return STRUCTURES.mark(), EDGE_INDEX_CSRS.mark()
+
+
+def cached_bytes_since(mark: Tuple[int, int]) -> int:
+    """Bytes of the graph structures built since ``mark`` that the caches still hold: graph memory, made
+    once per graph and reused by later forwards and sessions (not activations)."""
+    def nbytes(*ts: Optional[torch.Tensor]) -> int:
+        return sum(t.untyped_storage().nbytes() for t in ts if t is not None)
+    structures, edge_csrs = STRUCTURES.since(mark[0]), EDGE_INDEX_CSRS.since(mark[1])
+    return (sum(nbytes(s.crow, s.col, s.perm, s.t_crow, s.t_col, s.degree, *s.derived.values()) for s in structures)
+            + sum(nbytes(e.key, e.order) for e in edge_csrs))
