@@ -37,10 +37,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import _ops
 from . import functional as EF
 from . import report as R
 from . import rules
+from .compute.functional import quantize_rows
 from .config import Config
 from .gather import GatherLog, Recipe
 from .memory import arg_storages as _arg_storages
@@ -599,10 +599,7 @@ class HookEngine:
         q = h.payload if h.pending is None else None
         if isinstance(q, EF.QuantizedTensor) and len(q.shape) == 2:
             return EF.dequantize_int8(q, seed)
-        saved = h.restore()
-        if isinstance(saved, tuple):
-            return saved
-        return _ops.int8_quantize(saved.float().contiguous(), 1, seed)
+        return quantize_rows(h, seed)
 
     def keep(self, t: torch.Tensor, op: str, reason: str) -> _Packed:
         """Keep a tensor one of exactq's compute ops needs exactly in its backward (e.g. edge weights),

@@ -80,8 +80,10 @@ class _Kept:
 
 
 def quantize_rows(handle: Any, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``restore_rows`` of a handle that keeps its tensor: its int8 codes, a scale per row."""
-    return _quantize(handle.restore().float(), 1, seed)
+    """``restore_rows`` of a handle without block codes to decode: the int8 codes it holds (a
+    ``stash_codes`` pair) as they are, else its tensor's, with a scale per row."""
+    saved = handle.restore()
+    return saved if isinstance(saved, tuple) else _quantize(saved.float(), 1, seed)
 
 
 def _plain_hooks() -> Hooks:
