@@ -314,6 +314,22 @@ __attribute__((target_clones("avx2", "default"))) void unpack_span(
   for (; j < n; ++j) out[j] = static_cast<T>(one(i0 + j));
 }
 
+// Elements [begin, end) of a quantized tensor decoded into out[0 .. end - begin): each block's levels
+// in a table (lo + range * level, in float32), codes unpacked through it.
+template <typename T>
+void decode_range(const uint8_t* pp, const uint16_t* sp, const Grid& g, int64_t block_size, int64_t begin,
+                  int64_t end, T* out) {
+  float lut[256];
+  for (int64_t b = begin / block_size; b * block_size < end; ++b) {
+    const float lo = bf16_to_float(sp[2 * b]);
+    const float range = bf16_to_float(sp[2 * b + 1]);
+    for (int k = 0; k <= g.top; ++k) lut[k] = lo + range * g.levels[k];
+    for (int k = g.top + 1; k < 16; ++k) lut[k] = 0.0f;
+    const int64_t s = std::max(begin, b * block_size), e = std::min(end, (b + 1) * block_size);
+    for_each_span(s, e, [&](int64_t s2, int64_t e2) { unpack_span<T>(pp, e2 - s2, s2, g.bits, lut, out + (s2 - begin)); });
+  }
+}
+
 void dequantize_into_cpu(const at::Tensor& packed, const at::Tensor& stats, int64_t bits, int64_t block_size,
                          std::optional<double> level, const at::Tensor& out) {
   check_args(bits, block_size, level.has_value());
@@ -327,14 +343,7 @@ void dequantize_into_cpu(const at::Tensor& packed, const at::Tensor& stats, int6
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "exactq_dequantize", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     for_each_block_parallel(numel, block_size, g.bits, [&](int64_t b, int64_t begin, int64_t end) {
-      const float lo = bf16_to_float(sp[2 * b]);
-      const float range = bf16_to_float(sp[2 * b + 1]);
-      float lut[256];
-      for (int k = 0; k <= g.top; ++k) lut[k] = lo + range * g.levels[k];
-      for (int k = g.top + 1; k < 16; ++k) lut[k] = 0.0f;
-      for_each_span(begin, end, [&](int64_t s, int64_t e) {
-        unpack_span<scalar_t>(pp, e - s, s, g.bits, lut, op + s);
-      });
+      decode_range<scalar_t>(pp, sp, g, block_size, begin, end, op + begin);
     });
   });
 }
@@ -345,21 +354,6 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& stats, int
   at::Tensor out = at::empty({numel_s.expect_int()}, packed.options().dtype(dtype));
   dequantize_into_cpu(packed, stats, bits, block_size, level, out);
   return out;
-}
-
-// Elements [begin, end) of a quantized tensor decoded to float32 into out[0 .. end - begin): the values
-// dequantize writes (the same per-block table, the same unpacking).
-void decode_range(const uint8_t* pp, const uint16_t* sp, const Grid& g, int64_t block_size, int64_t begin,
-                  int64_t end, float* out) {
-  float lut[256];
-  for (int64_t b = begin / block_size; b * block_size < end; ++b) {
-    const float lo = bf16_to_float(sp[2 * b]);
-    const float range = bf16_to_float(sp[2 * b + 1]);
-    for (int k = 0; k <= g.top; ++k) lut[k] = lo + range * g.levels[k];
-    for (int k = g.top + 1; k < 16; ++k) lut[k] = 0.0f;
-    const int64_t s = std::max(begin, b * block_size), e = std::min(end, (b + 1) * block_size);
-    for_each_span(s, e, [&](int64_t s2, int64_t e2) { unpack_span<float>(pp, e2 - s2, s2, g.bits, lut, out + (s2 - begin)); });
-  }
 }
 
 // dequantize, viewed as [rows, cols], then int8_quantize(dim=1) of it, without the float32 tensor: each
