@@ -129,17 +129,27 @@ inline void check_int8_sddmm_inputs(const at::Tensor& crow, const at::Tensor& co
               "exactq: crow, col, a, b and their scales must be on one device");
 }
 
-inline void check_int8_gemm_epilogue_inputs(const at::Tensor& acc, const at::Tensor& row_scale,
-                                            const at::Tensor& col_scale, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt, "exactq: acc must be a 2-D int32 tensor, got ",
-              acc.scalar_type(), " with ", acc.dim(), " dims");
-  TORCH_CHECK(row_scale.dim() == 1 && row_scale.numel() == acc.size(0) && row_scale.scalar_type() == at::kFloat,
-              "exactq: row_scale must be a float32 tensor of acc.size(0) = ", acc.size(0), " elements");
-  TORCH_CHECK(col_scale.dim() == 1 && col_scale.numel() == acc.size(1) && col_scale.scalar_type() == at::kFloat,
-              "exactq: col_scale must be a float32 tensor of acc.size(1) = ", acc.size(1), " elements");
+// Longest sum of int8 x int8 products that cannot overflow int32, whatever the codes: 131,071 * 128 * 128 < 2^31.
+constexpr int64_t kInt8MaxTerms = ((int64_t{1} << 31) - 1) / (128 * 128);
+
+inline void check_int8_mm_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
+                                 const at::Tensor& b_scale, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kChar && b.dim() == 2 && b.scalar_type() == at::kChar &&
+                  a.size(1) == b.size(0),
+              "exactq: a and b must be 2-D int8 tensors [M, K] and [K, N], got ", a.scalar_type(), " ", a.sizes(),
+              " and ", b.scalar_type(), " ", b.sizes());
+  TORCH_CHECK(a.size(1) <= kInt8MaxTerms, "exactq: K = a.size(1) must be at most ", kInt8MaxTerms,
+              " (int32 accumulation of int8 products), got ", a.size(1), "; sum longer products in chunks");
+  TORCH_CHECK(a_scale.dim() == 1 && a_scale.numel() == a.size(0) && a_scale.scalar_type() == at::kFloat,
+              "exactq: a_scale must be a float32 tensor of a.size(0) = ", a.size(0), " elements");
+  TORCH_CHECK(b_scale.dim() == 1 && b_scale.numel() == b.size(1) && b_scale.scalar_type() == at::kFloat,
+              "exactq: b_scale must be a float32 tensor of b.size(1) = ", b.size(1), " elements");
   if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == acc.size(1) && bias->scalar_type() == at::kFloat,
-                "exactq: bias must be a float32 tensor of acc.size(1) = ", acc.size(1), " elements");
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == b.size(1) && bias->scalar_type() == at::kFloat,
+                "exactq: bias must be a float32 tensor of b.size(1) = ", b.size(1), " elements");
+  TORCH_CHECK(b.device() == a.device() && a_scale.device() == a.device() && b_scale.device() == a.device() &&
+                  (!bias.has_value() || bias->device() == a.device()),
+              "exactq: a, b, their scales and bias must be on one device");
 }
 
 inline void check_seeded_dropout_input(const at::Tensor& x, double p) {

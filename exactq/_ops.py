@@ -44,8 +44,8 @@ _SCHEMAS = {
     # out[e, h] = a_scale[i, h] * b_scale[j, h] * (a[i, head h] . b[j, head h]) for each entry e = (i, j) of the
     # CSR pattern (crow, col), heads = a_scale.size(1) equal column groups; dot products exact in int32.
     "int8_sddmm": "int8_sddmm(Tensor crow, Tensor col, Tensor a, Tensor a_scale, Tensor b, Tensor b_scale) -> Tensor",
-    # The epilogue of an int8 GEMM (torch._int_mm's int32 result): acc * row_scale * col_scale + bias, in float32.
-    "int8_gemm_epilogue": "int8_gemm_epilogue(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor",
+    # An int8 GEMM and its epilogue: float(a @ b, exact in int32) * a_scale[i] * b_scale[j] + bias[j], in float32.
+    "int8_mm": "int8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias=None) -> Tensor",
     # Dropout whose mask is a function of (seed, element index): x * (u >= p ? 1 / (1 - p) : 0). Its
     # backward is the same op on the gradient with the same seed, so the mask is never stored.
     "seeded_dropout": "seeded_dropout(Tensor x, float p, int seed) -> Tensor",
@@ -107,9 +107,9 @@ def _int8_sddmm_fake(crow, col, a, a_scale, b, b_scale):
     return a.new_empty((col.shape[0], a_scale.shape[1]), dtype=torch.float32)
 
 
-@torch.library.register_fake("exactq::int8_gemm_epilogue", lib=_LIB)
-def _int8_gemm_epilogue_fake(acc, row_scale, col_scale, bias):
-    return acc.new_empty(acc.shape, dtype=torch.float32)
+@torch.library.register_fake("exactq::int8_mm", lib=_LIB)
+def _int8_mm_fake(a, b, a_scale, b_scale, bias=None):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake("exactq::seeded_dropout", lib=_LIB)
@@ -146,5 +146,5 @@ int8_quantize = torch.ops.exactq.int8_quantize.default
 dequantize_int8 = torch.ops.exactq.dequantize_int8.default
 int8_spmm = torch.ops.exactq.int8_spmm.default
 int8_sddmm = torch.ops.exactq.int8_sddmm.default
-int8_gemm_epilogue = torch.ops.exactq.int8_gemm_epilogue.default
+int8_mm = torch.ops.exactq.int8_mm.default
 seeded_dropout = torch.ops.exactq.seeded_dropout.default

@@ -312,14 +312,21 @@ def int8_sddmm(crow: torch.Tensor, col: torch.Tensor, a: torch.Tensor, a_scale: 
     return (acc * a_scale[rows]) * b_scale[col]
 
 
-def int8_gemm_epilogue(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-                       bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Reference of ``exactq::int8_gemm_epilogue``: ``(float(acc) * row_scale[i]) * col_scale[j]`` (+ ``bias[j]``)
-    in float32, for the int32 result of an int8 GEMM whose operands had these scales."""
-    if acc.dim() != 2 or acc.dtype != torch.int32 or row_scale.shape != (acc.shape[0],) \
-            or col_scale.shape != (acc.shape[1],) or (bias is not None and bias.shape != (acc.shape[1],)):
-        raise ValueError("int8_gemm_epilogue needs an int32 [M, N] acc, row_scale [M], col_scale [N], bias [N] or None")
-    out = (acc.float() * row_scale.float().unsqueeze(1)) * col_scale.float()
+INT8_MAX_TERMS = (2**31 - 1) // (128 * 128)  # longest int8 x int8 sum that cannot overflow int32
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference of ``exactq::int8_mm``: the exact integer product of int8 ``a`` [M, K] and ``b`` [K, N]
+    (K <= :data:`INT8_MAX_TERMS`, so int32 holds it), then ``(float(acc) * a_scale[i]) * b_scale[j]``
+    (+ ``bias[j]``) in float32."""
+    if a.dim() != 2 or b.dim() != 2 or a.dtype != torch.int8 or b.dtype != torch.int8 or a.shape[1] != b.shape[0] \
+            or a.shape[1] > INT8_MAX_TERMS or a_scale.shape != (a.shape[0],) or b_scale.shape != (b.shape[1],) \
+            or (bias is not None and bias.shape != (b.shape[1],)):
+        raise ValueError(f"int8_mm needs int8 a [M, K], b [K, N] with K <= {INT8_MAX_TERMS}, a_scale [M], "
+                         "b_scale [N], bias [N] or None")
+    acc = (a.cpu().to(torch.int64) @ b.cpu().to(torch.int64)).to(a.device)  # exact: |acc| < 2^31
+    out = (acc.float() * a_scale.float().unsqueeze(1)) * b_scale.float()
     return out + bias.float() if bias is not None else out
 
 

@@ -7,8 +7,8 @@ measured side by side in one process.
   vs fp32 ``torch.sparse.mm`` on the same CSR; the int8 SDDMM (``exactq::int8_sddmm``, GAT's attention
   gradient) vs fp32 gather + multiply + sum; the fused int8 quantize vs ``clone``; a stored INT2 tensor
   decoded straight to int8 rows (``exactq::dequantize_int8``) vs dequantize + quantize; seeded dropout vs
-  torch's; dense GEMM fp32 vs bf16 vs int8 (``torch._int_mm``, with and without exactq's quantize +
-  epilogue).
+  torch's; dense GEMM fp32 vs bf16 vs int8 (``torch._int_mm``, and ``exactq::int8_mm``: it with its epilogue, with and
+  without the input's quantize).
 * epochs: each model (GraphSAGE and GCN by default; GIN, GAT) 3 x hidden with batch norm and dropout 0.5
   on an ogbn-arxiv-shaped graph, configurations interleaved one epoch (forward + backward + Adam) at a
   time, median after warm-up: PyG fp32 with ``edge_index``, fp32 with a CSR adjacency (PyG's fastest fp32
@@ -105,9 +105,10 @@ def kernel_rows(data, widths, repeat):
         for name, fn in (("bf16 mm (operands already bf16)", lambda: xb @ wb.t()),
                          ("bf16 mm with casts in and out", lambda: (x.bfloat16() @ w.bfloat16().t()).float()),
                          ("torch._int_mm (operands already int8)", lambda: torch._int_mm(qx, qw.t())),
-                         ("int8: quantize + torch._int_mm + epilogue",
-                          lambda: _ops.int8_gemm_epilogue(torch._int_mm(_ops.int8_quantize(x, 1)[0], qw.t()), sx, sw,
-                                                          None))):
+                         ("exactq::int8_mm (torch._int_mm + epilogue, operands int8)",
+                          lambda: _ops.int8_mm(qx, qw.t(), sx, sw)),
+                         ("int8: quantize + exactq::int8_mm",
+                          lambda: _ops.int8_mm(_ops.int8_quantize(x, 1)[0], qw.t(), sx, sw))):
             t = _best_ms(fn, repeat)
             rows.append({"kernel": f"GEMM {n}x{c} @ {c}x{c}: {name}", "baseline": "fp32 mm", "baseline_ms": mm32,
                          "exactq_ms": t, "speedup": mm32 / t})

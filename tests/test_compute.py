@@ -161,13 +161,31 @@ def test_int8_sddmm_int32_dot_products_are_exact(device):
     assert out.item() == torch.tensor(127 * 127 * c, dtype=torch.float32).item()
 
 
-def test_int8_gemm_epilogue_equals_reference(device):
-    acc = torch.randint(-(2**20), 2**20, (33, 17), dtype=torch.int32)
-    rs, cs, b = torch.rand(33), torch.rand(17), torch.randn(17)
-    for bias in (None, b):
-        out = _ops.int8_gemm_epilogue(acc.to(device), rs.to(device), cs.to(device),
-                                      bias.to(device) if bias is not None else None)
-        assert torch.equal(out.cpu(), reference.int8_gemm_epilogue(acc, rs, cs, bias))
+@pytest.mark.parametrize("M, K, N", [(33, 17, 9), (5000, 64, 256), (40, 300, 1), (0, 8, 4), (6, 0, 3)])
+def test_int8_mm_equals_reference(device, M, K, N):
+    # (5000, 64, 256) spans several of the CPU kernel's row bands; (0, ...) and (.., 0, ..) are empty.
+    g = torch.Generator().manual_seed(M + K + N)
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g).t()  # a transposed view, as linear passes
+    sa, sb, bias = torch.rand(M, generator=g), torch.rand(N, generator=g), torch.randn(N, generator=g)
+    for bi in (None, bias):
+        out = _ops.int8_mm(a.to(device), b.to(device), sa.to(device), sb.to(device),
+                           bi.to(device) if bi is not None else None)
+        ref = reference.int8_mm(a, b, sa, sb, bi)
+        assert torch.equal(out.cpu(), ref)
+    exact = (a.double() @ b.double()) * sa.double().unsqueeze(1) * sb.double()
+    torch.testing.assert_close(reference.int8_mm(a, b, sa, sb).double(), exact, rtol=1e-6, atol=0)
+
+
+def test_int8_mm_int32_sums_are_exact_up_to_the_bound(device):
+    k = reference.INT8_MAX_TERMS  # every product 128 * 128: the largest sum int32 holds, exactly
+    a = torch.full((1, k), -128, dtype=torch.int8, device=device)
+    one = torch.ones(1, device=device)
+    out = _ops.int8_mm(a, a.t().contiguous(), one, one)
+    assert out.item() == torch.tensor(128 * 128 * k, dtype=torch.float32).item()
+    with pytest.raises(RuntimeError, match="K = a.size\\(1\\) must be at most 131071"):
+        _ops.int8_mm(torch.zeros(1, k + 1, dtype=torch.int8), torch.zeros(k + 1, 1, dtype=torch.int8),
+                     torch.ones(1), torch.ones(1))
 
 
 def test_opcheck(device):
@@ -175,7 +193,8 @@ def test_opcheck(device):
     x = torch.randn(15, 8, device=device)
     q, s = _ops.int8_quantize(x, 0)
     crow, col, w = (t.clone().to(device) for t in (a.crow_indices(), a.col_indices(), a.values()))
-    acc = torch.randint(-100, 100, (6, 4), dtype=torch.int32, device=device)
+    qa = torch.randint(-128, 128, (6, 5), dtype=torch.int8, device=device)
+    qb = torch.randint(-128, 128, (4, 5), dtype=torch.int8, device=device)
     cases = [
         (_ops.int8_quantize, (x, 0, None)),
         (_ops.int8_quantize, (x.bfloat16(), 1, 7)),
@@ -184,7 +203,8 @@ def test_opcheck(device):
         (_ops.dequantize_int8, (*_ops.quantize(x, 4, 5, None, 5), 4, 5, None, 15, 8, None)),
         (_ops.int8_spmm, (crow, col, w, q, s, None)),
         (_ops.int8_spmm, (crow, col, None, q, s, torch.rand(20, device=device))),
-        (_ops.int8_gemm_epilogue, (acc, torch.rand(6, device=device), torch.rand(4, device=device), None)),
+        (_ops.int8_mm, (qa, qb.t(), torch.rand(6, device=device), torch.rand(4, device=device), None)),
+        (_ops.int8_mm, (qa, qb.t(), torch.rand(6, device=device), torch.rand(4, device=device), torch.randn(4, device=device))),
         (_ops.int8_sddmm, (crow, torch.clamp(col, max=14), _ops.int8_quantize(torch.randn(20, 8, device=device), 1)[0],
                            torch.rand(20, 2, device=device), q, torch.rand(15, 2, device=device))),
     ]
@@ -209,8 +229,12 @@ def test_opcheck(device):
      "q must be a contiguous 2-D int8"),
     (lambda: _ops.int8_spmm(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(2), torch.zeros(3, 2, dtype=torch.int8),
                             torch.ones(2), None), "weight must be"),
-    (lambda: _ops.int8_gemm_epilogue(torch.zeros(2, 3, dtype=torch.int32), torch.ones(3), torch.ones(3), None),
-     "row_scale must be"),
+    (lambda: _ops.int8_mm(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3),
+                          torch.ones(4)), "a_scale must be a float32 tensor of a.size\\(0\\) = 2"),
+    (lambda: _ops.int8_mm(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(4, 3, dtype=torch.int8), torch.ones(2),
+                          torch.ones(3)), "a and b must be 2-D int8 tensors \\[M, K\\] and \\[K, N\\]"),
+    (lambda: _ops.int8_mm(torch.zeros(2, 3), torch.zeros(3, 4, dtype=torch.int8), torch.ones(2), torch.ones(4)),
+     "a and b must be 2-D int8"),
     (lambda: _ops.int8_sddmm(torch.tensor([0, 1]), torch.tensor([3]), torch.zeros(1, 4, dtype=torch.int8),
                              torch.ones(1, 2), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3, 2)), "every col index"),
     (lambda: _ops.int8_sddmm(torch.tensor([0, 1]), torch.tensor([0]), torch.zeros(1, 4, dtype=torch.int8),

@@ -369,7 +369,7 @@ at::Tensor int8_sddmm_cpu(const at::Tensor& crow, const at::Tensor& col, const a
   return out;
 }
 
-// ---- GEMM epilogue ------------------------------------------------------------------------------
+// ---- int8 GEMM with its epilogue ------------------------------------------------------------------
 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void epilogue_rows(
     const int32_t* acc, const float* rs, const float* cs, const float* bias, int64_t r0, int64_t r1, int64_t N,
@@ -386,21 +386,28 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void epilogu
   }
 }
 
-at::Tensor int8_gemm_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& row_scale_in,
-                                  const at::Tensor& col_scale_in, const std::optional<at::Tensor>& bias_in) {
-  check_int8_gemm_epilogue_inputs(acc_in, row_scale_in, col_scale_in, bias_in);
-  const at::Tensor acc = acc_in.contiguous(), rs = row_scale_in.contiguous(), cs = col_scale_in.contiguous();
+at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_in,
+                       const at::Tensor& b_scale_in, const std::optional<at::Tensor>& bias_in) {
+  check_int8_mm_inputs(a, b, a_scale_in, b_scale_in, bias_in);
+  const at::Tensor rs = a_scale_in.contiguous(), cs = b_scale_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous())
                                                              : std::nullopt;
-  const int64_t M = acc.size(0), N = acc.size(1);
-  at::Tensor out = at::empty({M, N}, acc.options().dtype(at::kFloat));
-  const int32_t* ap = acc.const_data_ptr<int32_t>();
-  const float* rp = rs.const_data_ptr<float>();
+  const int64_t M = a.size(0), N = b.size(1);
+  at::Tensor out = at::empty({M, N}, rs.options());
   const float* cp = cs.const_data_ptr<float>();
   const float* bp = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N, 1)),
-                   [&](int64_t r0, int64_t r1) { epilogue_rows(ap, rp, cp, bp, r0, r1, N, op); });
+  // torch._int_mm (oneDNN) on a band of rows whose int32 result (~4 MB) is still in cache when the
+  // epilogue reads it: the whole [M, N] int32 result written out and read back cost as much as the product.
+  const int64_t band = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(N, 1));
+  for (int64_t r0 = 0; r0 < M; r0 += band) {
+    const int64_t rows = std::min(band, M - r0);
+    const at::Tensor acc = at::_int_mm(a.narrow(0, r0, rows), b).contiguous();
+    const int32_t* ap = acc.const_data_ptr<int32_t>();
+    const float* rp = rs.const_data_ptr<float>() + r0;
+    float* op = out.data_ptr<float>() + r0 * N;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N, 1)),
+                     [&](int64_t s0, int64_t s1) { epilogue_rows(ap, rp, cp, bp, s0, s1, N, op); });
+  }
   return out;
 }
 
@@ -443,7 +450,7 @@ at::Tensor seeded_dropout_cpu(const at::Tensor& x_in, double p_d, int64_t seed) 
 
 TORCH_LIBRARY_IMPL(exactq, CPU, m) {
   m.impl("seeded_dropout", &seeded_dropout_cpu);
-  m.impl("int8_gemm_epilogue", &int8_gemm_epilogue_cpu);
+  m.impl("int8_mm", &int8_mm_cpu);
   m.impl("int8_quantize", &int8_quantize_cpu);
   m.impl("int8_spmm", &int8_spmm_cpu);
   m.impl("int8_sddmm", &int8_sddmm_cpu);

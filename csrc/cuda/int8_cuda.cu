@@ -321,14 +321,15 @@ __global__ void epilogue_kernel(const int32_t* __restrict__ acc, const float* __
   }
 }
 
-at::Tensor int8_gemm_epilogue_cuda(const at::Tensor& acc_in, const at::Tensor& rs_in, const at::Tensor& cs_in,
-                                   const std::optional<at::Tensor>& bias_in) {
-  check_int8_gemm_epilogue_inputs(acc_in, rs_in, cs_in, bias_in);
-  const c10::cuda::CUDAGuard guard(acc_in.device());
-  const at::Tensor acc = acc_in.contiguous(), rs = rs_in.contiguous(), cs = cs_in.contiguous();
+at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& rs_in, const at::Tensor& cs_in,
+                        const std::optional<at::Tensor>& bias_in) {
+  check_int8_mm_inputs(a, b, rs_in, cs_in, bias_in);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const at::Tensor acc = at::_int_mm(a, b).contiguous();  // cuBLASLt, int32
+  const at::Tensor rs = rs_in.contiguous(), cs = cs_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const int64_t M = acc.size(0), N = acc.size(1);
-  at::Tensor out = at::empty({M, N}, acc.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({M, N}, rs.options());
   if (M * N > 0) {
     epilogue_kernel<<<blocks_for(M * N, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         acc.const_data_ptr<int32_t>(), rs.const_data_ptr<float>(), cs.const_data_ptr<float>(),
@@ -370,7 +371,7 @@ TORCH_LIBRARY_IMPL(exactq, CUDA, m) {
   m.impl("dequantize_int8", &dequantize_int8_cuda);
   m.impl("int8_spmm", &int8_spmm_cuda);
   m.impl("int8_sddmm", &int8_sddmm_cuda);
-  m.impl("int8_gemm_epilogue", &int8_gemm_epilogue_cuda);
+  m.impl("int8_mm", &int8_mm_cuda);
 }
 
 }  // namespace cuda

@@ -4,7 +4,7 @@
 aggregations (over a ``torch.sparse`` CSR adjacency, or an ``edge_index`` for the layers
 :data:`.aggregation.SUM_OF_MESSAGES` lists) on exactq's INT8 kernels, forward and backward, while the
 session stores what autograd saves at ``bits``. Layers: kernels (``exactq::int8_quantize``,
-``exactq::int8_spmm``, ``exactq::int8_gemm_epilogue``, ``exactq::seeded_dropout``, and ``torch._int_mm``)
+``exactq::int8_spmm``, ``exactq::int8_mm`` (over ``torch._int_mm``), ``exactq::seeded_dropout``)
 -> :mod:`.structure` (a graph's CSR and transpose, once per graph) -> :mod:`.functional` (autograd
 primitives and the rules of what stays float32) -> :mod:`.aggregation` and :mod:`.mode` (routing inside a
 session).

@@ -4,7 +4,7 @@ Rules, stated once (tests/test_compute.py checks each):
 
 * Operands are quantized symmetrically to int8 with one float32 scale per row or column (whichever
   factors out of the product's sum), and products accumulate exactly in int32
-  (``exactq::int8_spmm``, ``torch._int_mm``); results are float32.
+  (``exactq::int8_spmm``, ``exactq::int8_mm``); results are float32.
 * Forward operands (activations, weights) round to nearest. Every operand of a backward product
   (gradients, and the weights and activations they meet) rounds stochastically, seeded by the session:
   given the forward, each gradient is an unbiased estimate of fp32's, so its error averages out over
@@ -35,13 +35,13 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-from .. import _ops
+from .. import _ops, reference
 from .structure import Structure, is_unit, structure_of
 
 COMPUTE_MODES = ("int8",)
-# int32 accumulation bound: a product summed over at most this many int8 x int8 terms cannot overflow
-# (127 * 127 * 133,152 < 2^31); longer sums (a weight gradient over all nodes) run in chunks.
-_MAX_TERMS = (2**31 - 1) // (127 * 127)
+# int32 accumulation bound of exactq::int8_mm (131,071 * 128 * 128 < 2^31); longer sums (a weight gradient
+# over all nodes) run in chunks.
+_MAX_TERMS = reference.INT8_MAX_TERMS
 
 
 def check_compute(compute: Optional[str]) -> Optional[str]:
@@ -295,13 +295,12 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: boo
 
 # ---- linear --------------------------------------------------------------------------------------------
 
-def _int_mm_chunked(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+def _int8_mm_chunked(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
     """``(a.T @ b)`` of int8 ``a`` [K, M], ``b`` [K, N] with per-column scales, summed in float32 over
     chunks of K short enough for int32 accumulation."""
     out = None
     for k0 in range(0, a.shape[0], _MAX_TERMS):
-        acc = torch._int_mm(a[k0:k0 + _MAX_TERMS].t(), b[k0:k0 + _MAX_TERMS])  # a transposed view: no copy
-        part = _ops.int8_gemm_epilogue(acc, a_scale, b_scale, None)
+        part = _ops.int8_mm(a[k0:k0 + _MAX_TERMS].t(), b[k0:k0 + _MAX_TERMS], a_scale, b_scale)  # a view: no copy
         out = part if out is None else out + part
     return out
 
@@ -310,8 +309,7 @@ class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, qx, x_scale, hooks: Hooks):  # type: ignore[override]
         qw, w_scale = _quantize(weight.detach(), 1)
-        out = _ops.int8_gemm_epilogue(torch._int_mm(qx, qw.t()), x_scale, w_scale,
-                                      bias.detach().float() if bias is not None else None)
+        out = _ops.int8_mm(qx, qw.t(), x_scale, w_scale, bias.detach().float() if bias is not None else None)
         ctx.x = hooks.stash_codes(x, (qx, x_scale), "linear") if weight.requires_grad else None
         ctx.hooks, ctx.has_bias, ctx.dtype = hooks, bias is not None, x.dtype
         ctx.save_for_backward(weight)
@@ -328,7 +326,7 @@ class _Int8Linear(torch.autograd.Function):
             wq, wscale = _quantize(weight.detach(), 0, hooks.seed())
             if _finite(gscale) and _finite(wscale):
                 hooks.note("linear backward (input)", "int8")
-                gx = _ops.int8_gemm_epilogue(torch._int_mm(gq, wq), gscale, wscale, None)
+                gx = _ops.int8_mm(gq, wq, gscale, wscale)
             else:
                 hooks.note("linear backward (input)", "fp32: operand holds NaN/Inf")
                 gx = g @ weight.detach().float()
@@ -339,7 +337,7 @@ class _Int8Linear(torch.autograd.Function):
             gq, gscale = _quantize(g, 0, hooks.seed(), row_scale)
             if _finite(gscale) and _finite(row_scale):
                 hooks.note("linear backward (weight)", "int8")
-                gw = _int_mm_chunked(gq, xq, gscale, torch.ones(xq.shape[1], device=xq.device))
+                gw = _int8_mm_chunked(gq, xq, gscale, torch.ones(xq.shape[1], device=xq.device))
             else:
                 hooks.note("linear backward (weight)", "fp32: operand holds NaN/Inf")
                 saved = ctx.x.restore()
@@ -353,7 +351,7 @@ class _Int8Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            hooks: Optional[Hooks] = None) -> torch.Tensor:
-    """``torch.nn.functional.linear`` on int8 operands with int32 accumulation (``torch._int_mm``), forward
+    """``torch.nn.functional.linear`` on int8 operands with int32 accumulation (``exactq::int8_mm``: ``torch._int_mm`` and its epilogue), forward
     and backward; ``x`` float32 or bfloat16 of any leading shape, ``weight`` a 2-D float32 parameter.
     Falls back to ``F.linear`` (counted by ``hooks.note``) where int8 cannot serve."""
     hooks = hooks or _plain_hooks()
