@@ -150,6 +150,8 @@ def test_wrap_without_a_process_group_is_refused():
         xd.wrap(make_model("gcn", data), s)
     with pytest.raises(ValueError, match="message_bits"):
         xd.wrap(make_model("gcn", data), s, message_bits=3)
+    with pytest.raises(ValueError, match="eval_message_bits must be None \\(exact\\), 1, 2, 4, 8, got 'auto'"):
+        xd.wrap(make_model("gcn", data), s, eval_message_bits="auto")
 
 
 @pytest.fixture
@@ -313,6 +315,41 @@ def _auto_worker(rank, world, out_dir):
     shard_loss(exact(s.x, s.edge_index), s.y, s.train_mask, s.global_counts["train_mask"]).backward()
     torch.save(dict(assignment=adaptive.assignment, solves=adaptive.solves, grad=flat_grads(model),
                     exact=flat_grads(exact)), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _eval_worker(rank, world, out_dir):
+    data = graph()
+    s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)
+    models = {"2 (eval exact)": xd.wrap(make_model("sage", data), s, message_bits=2),
+              "exact": xd.wrap(make_model("sage", data), s, message_bits=None),
+              "2 (eval 2)": xd.wrap(make_model("sage", data), s, message_bits=2, eval_message_bits=2)}
+    result = {}
+    for name, model in models.items():
+        stats = xd.exchange_stats(model)
+        shard_loss(model(s.x, s.edge_index), s.y, s.train_mask, s.global_counts["train_mask"]).backward()
+        result[name] = dict(train=(stats.bytes_sent, stats.fp32_bytes))
+    for name, model in models.items():
+        model.load_state_dict(models["exact"].state_dict())  # batch norm's running statistics too
+        stats = xd.exchange_stats(model)
+        stats.reset()
+        model.eval()
+        with torch.no_grad():
+            result[name].update(out=model(s.x, s.edge_index), eval=(stats.bytes_sent, stats.fp32_bytes))
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_eval_forwards_exchange_exact_messages_by_default(tmp_path):
+    xd.spawn(_eval_worker, 2, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        sent, fp32 = res["2 (eval exact)"]["train"]
+        assert sent * 6 <= fp32  # training forwards and backwards: 2-bit messages
+        assert res["2 (eval exact)"]["eval"][0] == res["2 (eval exact)"]["eval"][1] > 0
+        # the same parameters and statistics: eval outputs equal those of exact messages
+        assert torch.equal(res["2 (eval exact)"]["out"], res["exact"]["out"])
+        sent, fp32 = res["2 (eval 2)"]["eval"]
+        assert sent * 6 <= fp32
+        assert not torch.equal(res["2 (eval 2)"]["out"], res["exact"]["out"])
 
 
 def test_auto_bits_are_solved_and_agreed(tmp_path):

@@ -25,12 +25,12 @@ _MAX_SEED = 2**63 - 1  # seeds of the quantize op lie in [0, 2**63 - 1)
 Bits = Optional[int]  # None: exact
 
 
-def check_message_bits(bits: object, allow_auto: bool = True) -> object:
+def check_message_bits(bits: object, allow_auto: bool = True, name: str = "message_bits") -> object:
     if bits is None or (allow_auto and bits == "auto") or (
             not isinstance(bits, bool) and isinstance(bits, int) and bits in MESSAGE_BITS):
         return bits
     accepted = f"None (exact), {', '.join(map(str, MESSAGE_BITS))}" + (" or 'auto'" if allow_auto else "")
-    raise ValueError(f"message_bits must be {accepted}, got {bits!r}")
+    raise ValueError(f"{name} must be {accepted}, got {bits!r}")
 
 
 def message_nbytes(rows: int, width: int, bits: Bits, dtype: torch.dtype = torch.float32) -> int:

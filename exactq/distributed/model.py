@@ -62,8 +62,9 @@ class _Split:
 class DistributedState:
     """What a wrapped model carries: the shard, the exchange, its counters and the bits in use."""
 
-    def __init__(self, shard: GraphShard, group, message_bits, overlap: bool):
+    def __init__(self, shard: GraphShard, group, message_bits, overlap: bool, eval_message_bits=None):
         self.shard, self.group, self.message_bits, self.overlap = shard, group, message_bits, overlap
+        self.eval_message_bits = eval_message_bits
         self.stats = ExchangeStats()
         self.exchanger = Exchanger(shard.plan, shard.num_local, shard.rank, group, self.stats)
         self.layers: List[str] = []
@@ -77,11 +78,14 @@ class DistributedState:
         self.hooks: list = []
 
     # -- bits -------------------------------------------------------------------------------------
-    def bits_for(self, layer: int):
-        """(send_bits, recv_bits) per peer rank for a layer's exchange."""
-        if self.adaptive is not None:
+    def bits_for(self, layer: int, training: bool):
+        """(send_bits, recv_bits) per peer rank for a layer's exchange in a training or an eval forward."""
+        if not training:
+            b = self.eval_message_bits
+        elif self.adaptive is not None:
             return self.adaptive.bits_for(layer)
-        b = self.message_bits
+        else:
+            b = self.message_bits
         return (b,) * self.shard.world_size, (b,) * self.shard.world_size
 
     # -- graph checks and splits, cached per edge_index object ---------------------------------------
@@ -275,13 +279,15 @@ class _DistributedLayer:
                                                   x.dtype, sparse)
             forward = _without_normalize(forward)
             arguments["edge_weight"] = None if sparse else weights
-        send_bits, recv_bits = state.bits_for(self.index)
+        # Every rank's model is in the same mode (train / eval), so every rank picks the same bits.
+        send_bits, recv_bits = state.bits_for(self.index, conv.training)
+        observe = state.adaptive is not None and conv.training
         nc, nl, nh = shard.num_central, shard.num_local, shard.num_halo
         graph = (lambda ei, n_dst, n_src, at=None: state.csr(ei, weights, n_dst, n_src, at)) if sparse else \
             (lambda ei, n_dst, n_src, at=None: ei)
         if not self.overlap:
             x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits)
-            if state.adaptive is not None:
+            if observe:
                 state.adaptive.observe(self.index, x_full[nl:], edge_index)
             return self._call(forward, conv, x_full, x, edge_index if as_is else graph(edge_index, nl, nl + nh),
                               arguments)
@@ -302,7 +308,7 @@ class _DistributedLayer:
         x_central, x_marginal = torch.split(x, [nc, nl - nc])
         out_c = self._call(forward, conv, x if c_nodes is None else x[c_nodes], x_central, c_graph, c_args)
         x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits, pending)
-        if state.adaptive is not None:
+        if observe:
             state.adaptive.observe(self.index, x_full[nl:], edge_index)
         out_m = self._call(forward, conv, x_full if m_nodes is None else x_full[m_nodes], x_marginal, m_graph, m_args)
         return torch.cat([out_c, out_m])
@@ -452,7 +458,7 @@ def _check_module(name: str, module: torch.nn.Module, inside_layer: bool) -> Non
 
 
 def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: bool = True, group=None,
-         auto_every: int = 10) -> torch.nn.Module:
+         auto_every: int = 10, eval_message_bits=None) -> torch.nn.Module:
     """Makes an unchanged PyG model train on one rank's shard of a partitioned graph.
 
     After wrapping, ``model(shard.x, shard.edge_index)`` (the model's usual call on the shard) returns
@@ -471,6 +477,9 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
         overlap: aggregate nodes without remote in-neighbours while the halo rows travel.
         group: the process group (default: the world).
         auto_every: with ``"auto"``, re-solve the bit assignment every this many training forwards.
+        eval_message_bits: the messages of forwards in eval mode (``model.eval()``): ``None`` (exact, the
+            default: validation and test see no rounding noise, as AdaQP evaluates), 1, 2, 4 or 8. Training
+            forwards use ``message_bits``.
 
     Returns:
         ``model`` itself; :func:`exchange_stats` reads its counters, :func:`unwrap` undoes it.
@@ -480,6 +489,7 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
     if not isinstance(shard, GraphShard):
         raise TypeError(f"shard must be an exactq.distributed.GraphShard, got {type(shard).__name__}")
     check_message_bits(message_bits)
+    check_message_bits(eval_message_bits, allow_auto=False, name="eval_message_bits")
     if not isinstance(overlap, bool):
         raise TypeError(f"overlap must be a bool, got {overlap!r}")
     if isinstance(auto_every, bool) or not isinstance(auto_every, int) or auto_every < 1:
@@ -505,7 +515,7 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
     if len(set(ids)) != 1:
         raise ValueError(f"the ranks' shards come from different partitions ({ids}): every rank must load its "
                          f"shard from the same partition")
-    state = DistributedState(shard, group, message_bits, overlap)
+    state = DistributedState(shard, group, message_bits, overlap, eval_message_bits)
     for module in model.modules():
         if isinstance(module, MessagePassing):
             state.layers.append(type(module).__name__)
@@ -522,8 +532,9 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
         # A backward that raised never ran its callback: a new forward starts the next backward afresh.
         state.hooks.append(model.register_forward_pre_hook(sync.forward_started))
     setattr(model, _ATTR, state)
-    log.info("exactq.distributed: rank %d/%d wraps %d message-passing layers (%s), message_bits=%s, overlap=%s",
-             rank, world, len(state.layers), ", ".join(state.layers), message_bits, overlap)
+    log.info("exactq.distributed: rank %d/%d wraps %d message-passing layers (%s), message_bits=%s "
+             "(eval: %s), overlap=%s", rank, world, len(state.layers), ", ".join(state.layers), message_bits,
+             eval_message_bits, overlap)
     return model
 
 
