@@ -1,7 +1,8 @@
 // CPU kernels of the INT8 compute ops (exactq.compute): symmetric int8 quantization with one float32
 // scale per column or per row, a CSR sparse x dense product over int8 features, and its dual, the
-// per-edge dot products of two int8 row sets (SDDMM, an attention weight's gradient). Schemas live in
-// exactq/_ops.py; exactq/reference.py specifies both, and these kernels match it bit for bit.
+// per-edge dot products of two int8 row sets (SDDMM, an attention weight's gradient), and a dense int8 GEMM
+// (oneDNN through at::_int_mm) with its float32 epilogue. Schemas live in
+// exactq/_ops.py; exactq/reference.py specifies them, and these kernels match it bit for bit.
 //
 // Hot loops are plain C++ compiled once per instruction set (target_clones) and auto-vectorised across
 // feature columns. The sparse product reads a quarter of the bytes fp32 does for every gathered

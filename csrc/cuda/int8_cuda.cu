@@ -7,7 +7,7 @@
 // int8_spmm: one warp per output row, each lane owning columns lane, lane + 32, ...; neighbours are
 // visited in CSR order, so sums of codes are exact int32 sums and weighted sums are the reference's
 // sequential float32 sums. int8_sddmm: one warp per row, lanes splitting each head's dot product (int32,
-// exact). int8_gemm_epilogue: one thread per element.
+// exact). int8_mm: cuBLASLt through at::_int_mm, then the epilogue, one thread per element.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -325,10 +325,21 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tens
                         const std::optional<at::Tensor>& bias_in) {
   check_int8_mm_inputs(a, b, rs_in, cs_in, bias_in);
   const c10::cuda::CUDAGuard guard(a.device());
-  const at::Tensor acc = at::_int_mm(a, b).contiguous();  // cuBLASLt, int32
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  at::Tensor acc;
+  if (K == 0) {
+    acc = at::zeros({M, N}, a.options().dtype(at::kInt));
+  } else {
+    // cuBLASLt's int8 GEMM (at::_int_mm) takes M > 16 and K, N multiples of 8: other shapes (a weight
+    // gradient summed over a node count) get zero rows and columns, which add nothing to the sums.
+    const auto up8 = [](int64_t v) { return (v + 7) / 8 * 8; };
+    const int64_t Mp = std::max<int64_t>(M, 17), Kp = up8(K), Np = up8(N);
+    const at::Tensor ap = (Mp != M || Kp != K) ? at::constant_pad_nd(a, {0, Kp - K, 0, Mp - M}) : a;
+    const at::Tensor bp = (Kp != K || Np != N) ? at::constant_pad_nd(b, {0, Np - N, 0, Kp - K}) : b;
+    acc = at::_int_mm(ap, bp).narrow(0, 0, M).narrow(1, 0, N).contiguous();
+  }
   const at::Tensor rs = rs_in.contiguous(), cs = cs_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  const int64_t M = acc.size(0), N = acc.size(1);
   at::Tensor out = at::empty({M, N}, rs.options());
   if (M * N > 0) {
     epilogue_kernel<<<blocks_for(M * N, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -381,8 +381,4 @@ def _linear_unsupported(x: Any, weight: Any, bias: Any) -> Optional[str]:
         return "layouts or devices"
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32):
         return "bias dtype"
-    if x.is_cuda:
-        m = x.numel() // x.shape[-1]
-        if m <= 16 or x.shape[-1] % 8 or weight.shape[0] % 8:
-            return "CUDA int8 GEMM needs more than 16 rows and widths that are multiples of 8"
     return None
