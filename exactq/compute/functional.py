@@ -351,7 +351,7 @@ class _Int8Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            hooks: Optional[Hooks] = None) -> torch.Tensor:
-    """``torch.nn.functional.linear`` on int8 operands with int32 accumulation (``exactq::int8_mm``: ``torch._int_mm`` and its epilogue), forward
+    """``torch.nn.functional.linear`` on int8 operands with int32 accumulation (``exactq::int8_mm``), forward
     and backward; ``x`` float32 or bfloat16 of any leading shape, ``weight`` a 2-D float32 parameter.
     Falls back to ``F.linear`` (counted by ``hooks.note``) where int8 cannot serve."""
     hooks = hooks or _plain_hooks()
