@@ -204,7 +204,8 @@ def test_opcheck(device):
         (_ops.int8_spmm, (crow, col, w, q, s, None)),
         (_ops.int8_spmm, (crow, col, None, q, s, torch.rand(20, device=device))),
         (_ops.int8_mm, (qa, qb.t(), torch.rand(6, device=device), torch.rand(4, device=device), None)),
-        (_ops.int8_mm, (qa, qb.t(), torch.rand(6, device=device), torch.rand(4, device=device), torch.randn(4, device=device))),
+        (_ops.int8_mm, (qa, qb.t(), torch.rand(6, device=device), torch.rand(4, device=device),
+                        torch.randn(4, device=device))),
         (_ops.int8_sddmm, (crow, torch.clamp(col, max=14), _ops.int8_quantize(torch.randn(20, 8, device=device), 1)[0],
                            torch.rand(20, 2, device=device), q, torch.rand(15, 2, device=device))),
     ]
