@@ -1,6 +1,7 @@
 """Graphs for the demo, tests and experiments: real Planetoid data and seeded synthetic graphs."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -27,10 +28,13 @@ def load_planetoid(name: str, root: Optional[str] = None) -> Data:
     root = Path(root or os.environ.get("EXACTQ_DATA") or Path(tempfile.gettempdir()) / "exactq_data")
     raw = root / name / "raw"
     local = Path(os.environ.get("EXACTQ_PLANETOID_RAW", _SHARED)) / name / "raw"
-    if not raw.exists() and local.exists():
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(local, raw)
-    return Planetoid(str(root), name)[0]
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    # Ranks of a distributed run load together: one at a time copies and processes, the others then read.
+    with open(raw.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not raw.exists() and local.exists():
+            shutil.copytree(local, raw)
+        return Planetoid(str(root), name)[0]
 
 
 def synthetic_graph(

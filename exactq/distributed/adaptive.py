@@ -76,34 +76,44 @@ def solve(links: Dict[Tuple[int, int, int], Tuple[float, int, int]], cost: np.nd
         for j, b in enumerate(CHOICES):
             c[i * nb + j] = v / scale / (2**b - 1) ** 2
             t[i, j] = 2 * message_nbytes(rows, width, b) * cost[k[1], k[2]]  # forward rows + backward grads
+    ref = CHOICES.index(budget_bits)
+    groups, budget = [], 0.0  # each rank's send and receive time bound its layer's time
+    for li, layer in enumerate(layers):
+        worst = 0.0
+        for side in (1, 2):
+            for p in range(world):
+                mine = [i for i, k in enumerate(keys) if k[0] == layer and k[side] == p]
+                groups.append((li, mine))
+                worst = max(worst, sum(t[i, ref] for i in mine))
+        budget += worst
+    uniform = {k: budget_bits for k in keys}
+    if not budget > 0:
+        return uniform
+    # Times in units of the budget: HiGHS's tolerances are absolute and a link's time is ~1e-5 s, at
+    # which a budget met exactly by uniform bits was at times judged infeasible.
+    t = t / budget
     rows_a, lo, hi = [], [], []
     for i in range(nl):  # one choice per link
         a = np.zeros(nvar)
         a[i * nb:(i + 1) * nb] = 1
         rows_a.append(a), lo.append(1), hi.append(1)
-    budget = 0.0
-    ref = CHOICES.index(budget_bits)
-    for li, layer in enumerate(layers):  # each rank's send and receive time bound the layer's time
-        worst = 0.0
-        for side in (1, 2):
-            for p in range(world):
-                a = np.zeros(nvar)
-                mine = [i for i, k in enumerate(keys) if k[0] == layer and k[side] == p]
-                for i in mine:
-                    a[i * nb:(i + 1) * nb] = t[i]
-                a[nl * nb + li] = -1
-                rows_a.append(a), lo.append(-np.inf), hi.append(0)
-                worst = max(worst, sum(t[i, ref] for i in mine))
-        budget += worst
+    for li, mine in groups:
+        a = np.zeros(nvar)
+        for i in mine:
+            a[i * nb:(i + 1) * nb] = t[i]
+        a[nl * nb + li] = -1
+        rows_a.append(a), lo.append(-np.inf), hi.append(0)
     a = np.zeros(nvar)
     a[nl * nb:] = 1
-    rows_a.append(a), lo.append(-np.inf), hi.append(budget * (1 + 1e-9))
+    rows_a.append(a), lo.append(-np.inf), hi.append(1 + 1e-6)
     integrality = np.r_[np.ones(nl * nb), np.zeros(len(layers))]
     bounds_hi = np.r_[np.ones(nl * nb), np.full(len(layers), np.inf)]
     res = milp(c, constraints=LinearConstraint(np.array(rows_a), lo, hi), integrality=integrality,
                bounds=Bounds(np.zeros(nvar), bounds_hi))
-    if not res.success:
-        raise RuntimeError(f"exactq.distributed: the bit-width program failed ({res.message})")
+    if not res.success:  # uniform bits meet the budget by construction: training goes on with them
+        log.warning("exactq.distributed: the bit-width program failed (%s); using %d bits on every link",
+                    res.message, budget_bits)
+        return uniform
     x = res.x[:nl * nb].reshape(nl, nb)
     return {k: CHOICES[int(np.argmax(x[i]))] for i, k in enumerate(keys)}
 
@@ -157,6 +167,11 @@ class AdaptiveBits:
             if rows:
                 self.observed[layer, q] = (float(v[offset:offset + rows].sum()), rows, halo.shape[1])
             offset += rows
+
+    def forget(self, layer: int) -> None:
+        """Drops a layer's observations: its halo rows are kept, not sent (see ``keep_inputs``)."""
+        for key in [k for k in self.observed if k[0] == layer]:
+            del self.observed[key]
 
     def _solve(self) -> None:
         group = self.state.group

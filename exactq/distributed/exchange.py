@@ -83,9 +83,10 @@ class ExchangeStats:
     fp32_bytes: int = 0  # what the same rows would take as float32
     exchanges: int = 0
     comm_seconds: float = 0.0  # time spent blocked on the exchange (not hidden by overlap)
+    kept: int = 0  # layer calls whose halo rows were kept from an earlier call (nothing sent)
 
     def reset(self) -> None:
-        self.bytes_sent = self.fp32_bytes = self.exchanges = 0
+        self.bytes_sent = self.fp32_bytes = self.exchanges = self.kept = 0
         self.comm_seconds = 0.0
 
 

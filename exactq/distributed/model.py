@@ -13,7 +13,7 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -59,12 +59,23 @@ class _Split:
     m_edge_index: torch.Tensor
 
 
+@dataclass
+class _Input:
+    """A layer's last input without gradient, and its halo rows once they are kept for it."""
+
+    ref: "weakref.ref[torch.Tensor]"
+    version: int
+    halo: Optional[torch.Tensor] = None
+
+
 class DistributedState:
     """What a wrapped model carries: the shard, the exchange, its counters and the bits in use."""
 
-    def __init__(self, shard: GraphShard, group, message_bits, overlap: bool, eval_message_bits=None):
+    def __init__(self, shard: GraphShard, group, message_bits, overlap: bool, eval_message_bits=None,
+                 keep_inputs: bool = True):
         self.shard, self.group, self.message_bits, self.overlap = shard, group, message_bits, overlap
-        self.eval_message_bits = eval_message_bits
+        self.eval_message_bits, self.keep_inputs = eval_message_bits, keep_inputs
+        self._inputs: Dict[int, _Input] = {}
         self.stats = ExchangeStats()
         self.exchanger = Exchanger(shard.plan, shard.num_local, shard.rank, group, self.stats)
         self.layers: List[str] = []
@@ -87,6 +98,40 @@ class DistributedState:
         else:
             b = self.message_bits
         return (b,) * self.shard.world_size, (b,) * self.shard.world_size
+
+    # -- layer inputs that do not change between calls -----------------------------------------------
+    def kept_halo(self, layer: int, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], bool]:
+        """Halo rows of a layer input that does not change between calls (the features: the same tensor,
+        unchanged, without gradient) are fetched once, exactly, and kept. Returns the kept halo rows (or
+        None) and whether this call is to fetch them exactly and keep them (:meth:`keep_halo`).
+
+        One all-reduce per call makes the ranks agree, so that no rank waits in an exchange another
+        skips: kept rows are used only when every rank has them for its input. Rows are fetched to keep
+        on an input's second call, so an input made anew each call (dropout on the features) is
+        exchanged as any other, at the message bits."""
+        if not self.keep_inputs:
+            return None, False
+        entry = self._inputs.get(layer)
+        # An inference tensor has no version counter: a change to it could not be seen.
+        keepable = not (x.requires_grad or x.is_inference())
+        same = keepable and entry is not None and entry.ref() is x and entry.version == x._version
+        mine = 0 if not keepable else 3 if same and entry.halo is not None else 2 if same else 1
+        flag = torch.tensor([mine], device=x.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        agreed = int(flag)
+        if agreed >= 2 and self.adaptive is not None:
+            self.adaptive.forget(layer)  # no messages: its links leave the bit-width program
+        if agreed == 3:
+            self.stats.kept += 1
+            return entry.halo, False
+        if mine:
+            self._inputs[layer] = _Input(weakref.ref(x), x._version)
+        else:
+            self._inputs.pop(layer, None)
+        return None, agreed == 2
+
+    def keep_halo(self, layer: int, halo: torch.Tensor) -> None:
+        self._inputs[layer].halo = halo.clone()  # not a view: the owned rows beside it are freed
 
     # -- graph checks and splits, cached per edge_index object ---------------------------------------
     @staticmethod
@@ -282,13 +327,20 @@ class _DistributedLayer:
         # Every rank's model is in the same mode (train / eval), so every rank picks the same bits.
         send_bits, recv_bits = state.bits_for(self.index, conv.training)
         observe = state.adaptive is not None and conv.training
+        kept, keep = state.kept_halo(self.index, x)
+        if keep:  # fetched once, exactly, for every later call with this input
+            send_bits = recv_bits = (None,) * shard.world_size
+            observe = False
         nc, nl, nh = shard.num_central, shard.num_local, shard.num_halo
         graph = (lambda ei, n_dst, n_src, at=None: state.csr(ei, weights, n_dst, n_src, at)) if sparse else \
             (lambda ei, n_dst, n_src, at=None: ei)
-        if not self.overlap:
-            x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits)
+        if kept is not None or not self.overlap:  # nothing to overlap when the halo rows are here already
+            x_full = torch.cat([x, kept]) if kept is not None else \
+                exchange_halo(x, state.exchanger, send_bits, recv_bits)
             if observe:
                 state.adaptive.observe(self.index, x_full[nl:], edge_index)
+            if keep:
+                state.keep_halo(self.index, x_full[nl:])
             return self._call(forward, conv, x_full, x, edge_index if as_is else graph(edge_index, nl, nl + nh),
                               arguments)
         # Overlap: start the exchange, aggregate the central nodes (no halo source) while it travels,
@@ -310,6 +362,8 @@ class _DistributedLayer:
         x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits, pending)
         if observe:
             state.adaptive.observe(self.index, x_full[nl:], edge_index)
+        if keep:
+            state.keep_halo(self.index, x_full[nl:])
         out_m = self._call(forward, conv, x_full if m_nodes is None else x_full[m_nodes], x_marginal, m_graph, m_args)
         return torch.cat([out_c, out_m])
 
@@ -458,7 +512,7 @@ def _check_module(name: str, module: torch.nn.Module, inside_layer: bool) -> Non
 
 
 def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: bool = True, group=None,
-         auto_every: int = 10, eval_message_bits=None) -> torch.nn.Module:
+         auto_every: int = 10, eval_message_bits=None, keep_inputs: bool = True) -> torch.nn.Module:
     """Makes an unchanged PyG model train on one rank's shard of a partitioned graph.
 
     After wrapping, ``model(shard.x, shard.edge_index)`` (the model's usual call on the shard) returns
@@ -480,6 +534,10 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
         eval_message_bits: the messages of forwards in eval mode (``model.eval()``): ``None`` (exact, the
             default: validation and test see no rounding noise, as AdaQP evaluates), 1, 2, 4 or 8. Training
             forwards use ``message_bits``.
+        keep_inputs: a layer input that does not change between calls (the features: the same tensor,
+            not modified, without gradient, on every rank) has its halo rows fetched once, exactly (at
+            its second call), and kept, instead of sent every call: its messages and their rounding
+            noise are gone, for the memory of its halo rows. Costs one small all-reduce per layer call.
 
     Returns:
         ``model`` itself; :func:`exchange_stats` reads its counters, :func:`unwrap` undoes it.
@@ -492,6 +550,8 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
     check_message_bits(eval_message_bits, allow_auto=False, name="eval_message_bits")
     if not isinstance(overlap, bool):
         raise TypeError(f"overlap must be a bool, got {overlap!r}")
+    if not isinstance(keep_inputs, bool):
+        raise TypeError(f"keep_inputs must be a bool, got {keep_inputs!r}")
     if isinstance(auto_every, bool) or not isinstance(auto_every, int) or auto_every < 1:
         raise ValueError(f"auto_every must be an int >= 1, got {auto_every!r}")
     if hasattr(model, _ATTR):
@@ -511,11 +571,13 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
     for name, module in model.named_modules():
         _check_module(name or type(model).__name__, module, id(module) in layer_modules)
     ids = [None] * world
-    dist.all_gather_object(ids, shard.partition_id, group=group)
-    if len(set(ids)) != 1:
-        raise ValueError(f"the ranks' shards come from different partitions ({ids}): every rank must load its "
-                         f"shard from the same partition")
-    state = DistributedState(shard, group, message_bits, overlap, eval_message_bits)
+    dist.all_gather_object(ids, (shard.partition_id, keep_inputs), group=group)
+    if len({i for i, _ in ids}) != 1:
+        raise ValueError(f"the ranks' shards come from different partitions ({[i for i, _ in ids]}): every rank "
+                         f"must load its shard from the same partition")
+    if len({k for _, k in ids}) != 1:  # the ranks agree on kept inputs by a collective that all must make
+        raise ValueError(f"keep_inputs differs between ranks ({[k for _, k in ids]}): pass the same on every rank")
+    state = DistributedState(shard, group, message_bits, overlap, eval_message_bits, keep_inputs)
     for module in model.modules():
         if isinstance(module, MessagePassing):
             state.layers.append(type(module).__name__)

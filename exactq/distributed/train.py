@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-message-bits", default="none", choices=["none", "1", "2", "4", "8"],
                    help="messages of the evaluation forwards (default exact, as AdaQP validates and tests)")
     p.add_argument("--no-overlap", action="store_true", help="exchange, then aggregate (no central/marginal split)")
+    p.add_argument("--no-keep-inputs", action="store_true",
+                   help="send the features' halo rows every epoch instead of fetching them once (keep_inputs)")
     p.add_argument("--sparse", action="store_true",
                    help="aggregate with the shard's torch.sparse adjacency (GCN, GraphSAGE, GIN) instead of edge_index")
     p.add_argument("--auto-every", type=int, default=10)
@@ -116,7 +118,8 @@ def run(rank: int, world: int, args: argparse.Namespace, part=None) -> Optional[
     model = build_model(args.model, part.x.shape[1], args.hidden, classes, args.layers,
                         norm=None if args.norm == "none" else args.norm, dropout=args.dropout)
     model = wrap(model.to(device), part, message_bits=_message_bits(args.message_bits), overlap=not args.no_overlap,
-                 auto_every=args.auto_every, eval_message_bits=_message_bits(args.eval_message_bits))
+                 auto_every=args.auto_every, eval_message_bits=_message_bits(args.eval_message_bits),
+                 keep_inputs=not args.no_keep_inputs)
     torch.manual_seed(args.seed * 1000 + rank + 1)  # dropout differs per rank, as it would per node
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=5e-4)
     n_train = part.global_counts["train_mask"]
