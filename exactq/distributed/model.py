@@ -288,6 +288,13 @@ class _DistributedLayer:
         # A slice's backward allocates a gradient of its whole input: none where nothing is cut off.
         return out if out.shape[0] == x_dst.shape[0] else out[:x_dst.shape[0]]
 
+    def _arrived(self, halo: torch.Tensor, edge_index, observe: bool, keep: bool) -> None:
+        """The received halo rows: auto bits measure them (``observe``), an unchanging input keeps them."""
+        if observe:
+            self.state.adaptive.observe(self.index, halo, edge_index)
+        if keep:
+            self.state.keep_halo(self.index, halo)
+
     def __call__(self, *args, **kwargs):
         conv, state = self.conv(), self.state
         shard = state.shard
@@ -337,10 +344,7 @@ class _DistributedLayer:
         if kept is not None or not self.overlap:  # nothing to overlap when the halo rows are here already
             x_full = torch.cat([x, kept]) if kept is not None else \
                 exchange_halo(x, state.exchanger, send_bits, recv_bits)
-            if observe:
-                state.adaptive.observe(self.index, x_full[nl:], edge_index)
-            if keep:
-                state.keep_halo(self.index, x_full[nl:])
+            self._arrived(x_full[nl:], edge_index, observe, keep)
             return self._call(forward, conv, x_full, x, edge_index if as_is else graph(edge_index, nl, nl + nh),
                               arguments)
         # Overlap: start the exchange, aggregate the central nodes (no halo source) while it travels,
@@ -360,10 +364,7 @@ class _DistributedLayer:
         x_central, x_marginal = torch.split(x, [nc, nl - nc])
         out_c = self._call(forward, conv, x if c_nodes is None else x[c_nodes], x_central, c_graph, c_args)
         x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits, pending)
-        if observe:
-            state.adaptive.observe(self.index, x_full[nl:], edge_index)
-        if keep:
-            state.keep_halo(self.index, x_full[nl:])
+        self._arrived(x_full[nl:], edge_index, observe, keep)
         out_m = self._call(forward, conv, x_full if m_nodes is None else x_full[m_nodes], x_marginal, m_graph, m_args)
         return torch.cat([out_c, out_m])
 
