@@ -101,11 +101,12 @@ def synthetic_graph(
 def with_sparse_adjacency(data: Data) -> Data:
     """Add ``data.adj_t``, the transposed adjacency as a ``torch.sparse`` CSR tensor (PyG's convention
     for sparse aggregation: row = target node), so convolutions aggregate with a sparse matmul instead
-    of materialising one message per edge."""
+    of materialising one message per edge. Values: ``data.edge_weight`` if it has one, else ones (as a
+    shard's ``sparse_adjacency()``)."""
     from torch_geometric.utils import to_torch_csr_tensor
 
     n = data.num_nodes
-    data.adj_t = to_torch_csr_tensor(data.edge_index.flip(0), size=(n, n))
+    data.adj_t = to_torch_csr_tensor(data.edge_index.flip(0), data.get("edge_weight"), size=(n, n))
     return data
 
 

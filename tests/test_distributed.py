@@ -1,6 +1,8 @@
 """exactq.distributed: partitions, shards, the halo exchange, and full-graph training on several
 processes (gloo on 127.0.0.1; every multi-process run has a timeout, so a hang fails)."""
 import datetime
+import functools
+import itertools
 import os
 
 import pytest
@@ -8,7 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-from torch_geometric.nn import APPNP, GCN, ChebConv, GraphNorm, GraphSAGE, global_mean_pool
+from torch_geometric.nn import (APPNP, GAT, GCN, GIN, PNA, ChebConv, EdgeCNN, EdgeConv, GATConv, GATv2Conv, GCNConv,
+                                GINConv, GINEConv, GraphConv, GraphNorm, GraphSAGE, PNAConv, SAGEConv, TransformerConv,
+                                global_mean_pool)
+from torch_geometric.nn import aggr as pyg_aggr
 
 import exactq
 import exactq.distributed as xd
@@ -458,6 +463,244 @@ def test_sparse_adjacency_equals_single_process(tmp_path):
         g = flat_grads(ref)
         for overlap in (False, True):
             assert float((got[name, overlap] - g).norm() / g.norm()) <= 1e-5, (name, overlap)
+
+
+# -- every supported layer configuration and every PyG aggregation --------------------------------------
+
+def _mlp(i, o):
+    return torch.nn.Sequential(torch.nn.Linear(i, o), torch.nn.ReLU(), torch.nn.Linear(o, o))
+
+
+class _HalvedMessages(SAGEConv):
+    """A user's subclass that changes only ``message``: still one propagation, so it is distributed."""
+
+    def message(self, x_j):
+        return 0.5 * x_j
+
+
+class _TwoHops(GCNConv):
+    """A subclass that overrides ``forward`` (here: propagates twice): refused, it would be wrong on a shard."""
+
+    def forward(self, x, edge_index):
+        return super().forward(super().forward(x, edge_index), edge_index)
+
+
+# Every aggregation PyG has, built to keep SAGEConv's width where it can; the supported ones are checked
+# against one process below, the others must be refused.
+AGGREGATIONS = {
+    "SumAggregation": lambda i: pyg_aggr.SumAggregation(),
+    "MeanAggregation": lambda i: pyg_aggr.MeanAggregation(),
+    "MaxAggregation": lambda i: pyg_aggr.MaxAggregation(),
+    "MinAggregation": lambda i: pyg_aggr.MinAggregation(),
+    "MulAggregation": lambda i: pyg_aggr.MulAggregation(),
+    "VarAggregation": lambda i: pyg_aggr.VarAggregation(),
+    "StdAggregation": lambda i: pyg_aggr.StdAggregation(),
+    "SoftmaxAggregation": lambda i: pyg_aggr.SoftmaxAggregation(learn=True),
+    "PowerMeanAggregation": lambda i: pyg_aggr.PowerMeanAggregation(learn=True),
+    "MedianAggregation": lambda i: pyg_aggr.MedianAggregation(),
+    "QuantileAggregation": lambda i: pyg_aggr.QuantileAggregation(0.3),
+    "AttentionalAggregation": lambda i: pyg_aggr.AttentionalAggregation(torch.nn.Linear(i, 1)),
+    "DeepSetsAggregation": lambda i: pyg_aggr.DeepSetsAggregation(torch.nn.Linear(i, i), torch.nn.Linear(i, i)),
+    "VariancePreservingAggregation": lambda i: pyg_aggr.VariancePreservingAggregation(),
+    "DegreeScalerAggregation": lambda i: pyg_aggr.DegreeScalerAggregation("mean", "amplification",
+                                                                           torch.tensor([0, 3, 5, 8, 4, 2])),
+    "MultiAggregation": lambda i: pyg_aggr.MultiAggregation(["mean", "max", "std"]),
+    "LSTMAggregation": lambda i: pyg_aggr.LSTMAggregation(i, i),
+    "GRUAggregation": lambda i: pyg_aggr.GRUAggregation(i, i),
+    "Set2Set": lambda i: pyg_aggr.Set2Set(i, 2),
+    "SortAggregation": lambda i: pyg_aggr.SortAggregation(3),
+    "GraphMultisetTransformer": lambda i: pyg_aggr.GraphMultisetTransformer(i, k=2, heads=1),
+    "EquilibriumAggregation": lambda i: pyg_aggr.EquilibriumAggregation(i, i, [8]),
+    "MLPAggregation": lambda i: pyg_aggr.MLPAggregation(i, i, 4, num_layers=1),
+    "SetTransformerAggregation": lambda i: pyg_aggr.SetTransformerAggregation(i, heads=1),
+    "LCMAggregation": lambda i: pyg_aggr.LCMAggregation(i, i),
+    "PatchTransformerAggregation": lambda i: pyg_aggr.PatchTransformerAggregation(i, i, 4, 4),
+}
+LOCAL_AGGREGATIONS = [n for n, make in AGGREGATIONS.items() if type(make(8)) in xd.SUPPORTED_AGGREGATIONS]
+
+# name -> (layer(in, out), the edge argument the model passes (None, "edge_attr", "edge_weight"), whether
+# the layer is checked on a sparse adjacency too). Every supported layer, with its options.
+LAYERS = {
+    "GCNConv": (lambda i, o: GCNConv(i, o), None, True),
+    "GCNConv(improved)": (lambda i, o: GCNConv(i, o, improved=True), None, True),
+    "GCNConv(improved, edge_weight)": (lambda i, o: GCNConv(i, o, improved=True), "edge_weight", False),
+    "GCNConv(edge_weight)": (lambda i, o: GCNConv(i, o), "edge_weight", False),
+    "GCNConv(no self-loops)": (lambda i, o: GCNConv(i, o, add_self_loops=False), None, True),
+    "GCNConv(normalize=False)": (lambda i, o: GCNConv(i, o, normalize=False), None, True),
+    "GCNConv(cached)": (lambda i, o: GCNConv(i, o, cached=True), None, False),
+    "SAGEConv(project)": (lambda i, o: SAGEConv(i, o, project=True), None, False),
+    "SAGEConv(normalize)": (lambda i, o: SAGEConv(i, o, normalize=True), None, True),
+    "SAGEConv(root_weight=False)": (lambda i, o: SAGEConv(i, o, root_weight=False), None, True),
+    "SAGEConv subclass (message)": (lambda i, o: _HalvedMessages(i, o), None, False),
+    "GraphConv": (lambda i, o: GraphConv(i, o), None, True),
+    "GraphConv(mean)": (lambda i, o: GraphConv(i, o, aggr="mean"), None, True),
+    "GraphConv(max, edge_weight)": (lambda i, o: GraphConv(i, o, aggr="max"), "edge_weight", False),
+    "GINConv": (lambda i, o: GINConv(_mlp(i, o)), None, True),
+    "GINConv(train_eps)": (lambda i, o: GINConv(_mlp(i, o), eps=0.3, train_eps=True), None, True),
+    "GINEConv": (lambda i, o: GINEConv(_mlp(i, o), edge_dim=4), "edge_attr", False),
+    "GATConv": (lambda i, o: GATConv(i, o, heads=2, concat=False), None, False),
+    "GATConv(concat, residual)": (lambda i, o: GATConv(i, o // 2, heads=2, residual=True), None, False),
+    "GATConv(edge_dim)": (lambda i, o: GATConv(i, o, heads=2, concat=False, edge_dim=4), "edge_attr", False),
+    "GATConv(edge_dim, fill_value)": (lambda i, o: GATConv(i, o, edge_dim=4, fill_value=0.5), "edge_attr", False),
+    "GATConv(no self-loops)": (lambda i, o: GATConv(i, o, add_self_loops=False), None, False),
+    "GATv2Conv": (lambda i, o: GATv2Conv(i, o, heads=2, concat=False), None, False),
+    "GATv2Conv(share_weights)": (lambda i, o: GATv2Conv(i, o, share_weights=True), None, False),
+    "GATv2Conv(edge_dim)": (lambda i, o: GATv2Conv(i, o, edge_dim=4), "edge_attr", False),
+    "TransformerConv": (lambda i, o: TransformerConv(i, o, heads=2, concat=False), None, False),
+    "TransformerConv(beta)": (lambda i, o: TransformerConv(i, o, beta=True), None, False),
+    "TransformerConv(edge_dim, concat)": (lambda i, o: TransformerConv(i, o // 2, heads=2, edge_dim=4), "edge_attr",
+                                          False),
+    "TransformerConv(root_weight=False)": (lambda i, o: TransformerConv(i, o, root_weight=False), None, False),
+    "EdgeConv": (lambda i, o: EdgeConv(_mlp(2 * i, o)), None, False),
+    "EdgeConv(mean)": (lambda i, o: EdgeConv(_mlp(2 * i, o), aggr="mean"), None, False),
+    "PNAConv": (lambda i, o: PNAConv(i, o, ["mean", "min", "max", "std"], ["identity", "amplification", "attenuation"],
+                                     torch.tensor([0, 3, 5, 8, 4, 2])), None, False),
+    "PNAConv(towers, edge_dim)": (lambda i, o: PNAConv(i, o, ["sum", "var"], ["linear", "inverse_linear"],
+                                                       torch.tensor([1, 3, 5, 8]), edge_dim=4, towers=2,
+                                                       pre_layers=2, post_layers=2), "edge_attr", False),
+}
+LAYERS.update({f"SAGEConv({n})": ((lambda make: lambda i, o: SAGEConv(i, o, aggr=make(i)))(AGGREGATIONS[n]), None,
+                                  n in ("SumAggregation", "MeanAggregation", "MaxAggregation", "MinAggregation"))
+               for n in LOCAL_AGGREGATIONS})
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self, make, edge_arg, i, o):
+        super().__init__()
+        self.c1, self.c2, self.edge_arg = make(i, o), make(o, o), edge_arg
+
+    def forward(self, x, edge_index, edge_value=None):
+        kw = {} if self.edge_arg is None else {self.edge_arg: edge_value}
+        return self.c2(self.c1(x, edge_index, **kw).relu(), edge_index, **kw)
+
+
+def sweep_graph():
+    data = synthetic_graph(300, 12, 2400, 3, signal=1.0, seed=3)
+    g = torch.Generator().manual_seed(1)
+    data.edge_attr = torch.randn(data.edge_index.shape[1], 4, generator=g)
+    data.edge_weight = torch.rand(data.edge_index.shape[1], generator=g) + 0.1
+    return data
+
+
+def _sweep_model(name, data):
+    make, edge_arg, _ = LAYERS[name]
+    torch.manual_seed(0)
+    return _TwoLayers(make, edge_arg, data.num_features, 16)
+
+
+def _loss_and_grad(model, inputs, y, mask, total):
+    loss = shard_loss(model(*inputs), y, mask, total)
+    loss.backward()
+    return float(loss.detach()), torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+                                            for p in model.parameters()])
+
+
+def _sweep_inputs(model, x, graph, edge_values):
+    return (x, graph) if model.edge_arg is None else (x, graph, edge_values[model.edge_arg])
+
+
+def _sweep_worker(rank, world, out_dir):
+    data = sweep_graph()
+    s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)
+    adj, total, result = s.sparse_adjacency(), s.global_counts["train_mask"], {}
+    for name, (_, _, sparse) in LAYERS.items():
+        for graph in (s.edge_index, adj) if sparse else (s.edge_index,):
+            for overlap in (False, True):
+                model = xd.wrap(_sweep_model(name, data), s, message_bits=None, overlap=overlap)
+                result[name, graph is adj, overlap] = _loss_and_grad(
+                    model, _sweep_inputs(model, s.x, graph, s.edge_attrs), s.y, s.train_mask, total)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_every_supported_layer_and_aggregation_equals_one_process(tmp_path):
+    """Every supported layer with its options (edge weights and attributes, self-loops, heads, roots, a
+    subclass), and SAGEConv with every aggregation PyG has that a shard computes exactly, with exact messages
+    on 3 ranks, overlap on and off, edge lists and (where PyG's layer takes one) a sparse adjacency: the
+    ranks' summed loss and the parameter gradients equal one process on the whole graph."""
+    assert {c.__name__ for c in xd.SUPPORTED_LAYERS} <= {n.split("(")[0].split(" ")[0] for n in LAYERS}
+    xd.spawn(_sweep_worker, 3, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    data = sweep_graph()
+    sparse_data = with_sparse_adjacency(sweep_graph())  # duplicate edges merged, as shard.sparse_adjacency()
+    for (name, sparse, overlap), (_, grad) in ranks[0].items():
+        d = sparse_data if sparse else data
+        model = _sweep_model(name, d)
+        inputs = _sweep_inputs(model, d.x, d.adj_t if sparse else d.edge_index,
+                               {"edge_attr": d.edge_attr, "edge_weight": d.edge_weight})
+        loss, g = _loss_and_grad(model, inputs, d.y, d.train_mask, int(d.train_mask.sum()))
+        summed = sum(r[name, sparse, overlap][0] for r in ranks)
+        where = (name, "sparse" if sparse else "edge_index", "overlap" if overlap else "")
+        assert abs(summed - loss) <= 1e-5 * abs(loss), where
+        assert float((grad - g).norm()) <= 1e-5 * float(g.norm()), (where, float((grad - g).norm() / g.norm()))
+        assert all(torch.equal(r[name, sparse, overlap][1], grad) for r in ranks[1:]), where
+
+
+def test_aggregations_and_layers_a_shard_cannot_compute_exactly_are_refused(one_rank_group):
+    """Aggregations that read the order of a node's messages or the other nodes aggregated with it (LSTM,
+    GRU, equilibrium...), of every kind PyG has; a supported layer's subclass that overrides forward; every
+    supported layer configuration aggregating over out-edges (flow="target_to_source")."""
+    assert set(AGGREGATIONS) == set(pyg_aggr.__all__) - {"Aggregation"}  # a new PyG aggregation is added here
+    data = sweep_graph()
+    s = xd.shard(data, torch.zeros(data.num_nodes, dtype=torch.long), 0)
+    refused = [n for n in AGGREGATIONS if n not in LOCAL_AGGREGATIONS]
+    assert {"LSTMAggregation", "GRUAggregation", "EquilibriumAggregation", "LCMAggregation"} <= set(refused)
+    for n in refused:
+        with pytest.raises(NotImplementedError, match=f"c1.aggr_module \\({n}\\).*set"):
+            xd.wrap(_TwoLayers(lambda i, o: SAGEConv(i, o, aggr=AGGREGATIONS[n](i)), None, 12, 16), s)
+    with pytest.raises(NotImplementedError, match="_TwoHops.*overrides GCNConv.forward"):
+        xd.wrap(torch.nn.Sequential(_TwoHops(12, 16)), s)
+    for make, _, _ in LAYERS.values():  # aggregating over out-edges: a shard holds its nodes' in-edges
+        layer = make(12, 16)
+        layer.flow = "target_to_source"
+        with pytest.raises(NotImplementedError, match="flow='target_to_source'"):
+            xd.wrap(torch.nn.Sequential(layer), s)
+
+
+# PyG's model zoo (every BasicGNN) with every normalisation it builds by name and every jumping
+# knowledge mode: distributed exactly, or refused when a normalisation mixes rows across the graph.
+ZOO = {"GCN": GCN, "GraphSAGE": GraphSAGE, "GIN": GIN, "GAT": GAT, "GATv2": functools.partial(GAT, v2=True),
+       "PNA": functools.partial(PNA, aggregators=["mean", "max", "std"], scalers=["identity", "amplification"],
+                                deg=torch.tensor([0, 3, 5, 8, 4, 2])),
+       "EdgeCNN": EdgeCNN}
+ZOO_NORMS = {"none": {}, "batch_norm": {"norm": "batch_norm"},
+             "layer_norm(node)": {"norm": "layer_norm", "norm_kwargs": {"mode": "node"}},
+             **{n: {"norm": n} for n in ("layer_norm", "instance_norm", "graph_norm", "pair_norm")}}
+ZOO_ROW_NORMS = ("none", "batch_norm", "layer_norm(node)")  # per row, or batch norm (global statistics)
+ZOO_JK = (None, "last", "cat", "max", "lstm")
+
+
+def _zoo_model(model, norm, jk, data):
+    torch.manual_seed(0)
+    return ZOO[model](data.num_features, 16, 3, 3, dropout=0.0, jk=jk, **ZOO_NORMS[norm])
+
+
+def _zoo_worker(rank, world, out_dir):
+    data = sweep_graph()
+    s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)
+    result = {}
+    for key in itertools.product(ZOO, ZOO_NORMS, ZOO_JK):
+        try:
+            model = xd.wrap(_zoo_model(*key, data), s, message_bits=None)
+        except NotImplementedError as e:
+            result[key] = str(e)
+            continue
+        result[key] = _loss_and_grad(model, (s.x, s.edge_index), s.y, s.train_mask, s.global_counts["train_mask"])
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_pyg_model_zoo_is_distributed_exactly_or_refused(tmp_path):
+    xd.spawn(_zoo_worker, 2, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    data = sweep_graph()
+    for key, got in ranks[0].items():
+        if key[1] not in ZOO_ROW_NORMS:
+            assert isinstance(got, str) and "mixes rows across the whole graph" in got, (key, got)
+            continue
+        assert not isinstance(got, str), (key, got)
+        loss, g = _loss_and_grad(_zoo_model(*key, data), (data.x, data.edge_index), data.y, data.train_mask,
+                                 int(data.train_mask.sum()))
+        assert abs(sum(r[key][0] for r in ranks) - loss) <= 1e-5 * abs(loss), key
+        assert float((got[1] - g).norm()) <= 1e-5 * float(g.norm()), (key, float((got[1] - g).norm() / g.norm()))
 
 
 def test_command_line_partition_and_local_training(tmp_path):

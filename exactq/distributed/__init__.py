@@ -13,10 +13,10 @@ exchange plan) -> :mod:`.exchange` (messages packed by exactq's quantizer, the h
 """
 from .exchange import MESSAGE_BITS, ExchangeStats, message_nbytes
 from .launch import spawn
-from .model import SUPPORTED_LAYERS, exchange_stats, unwrap, wrap
+from .model import SUPPORTED_AGGREGATIONS, SUPPORTED_LAYERS, exchange_stats, unwrap, wrap
 from .partition import partition, partition_stats
 from .shard import ExchangePlan, GraphShard, load_shard, save_partition, shard
 
-__all__ = ["MESSAGE_BITS", "SUPPORTED_LAYERS", "ExchangePlan", "ExchangeStats", "GraphShard", "exchange_stats",
-           "load_shard", "message_nbytes", "partition", "partition_stats", "save_partition", "shard", "spawn",
+__all__ = ["MESSAGE_BITS", "SUPPORTED_AGGREGATIONS", "SUPPORTED_LAYERS", "ExchangePlan", "ExchangeStats",
+           "GraphShard", "exchange_stats", "load_shard", "message_nbytes", "partition", "partition_stats", "save_partition", "shard", "spawn",
            "unwrap", "wrap"]

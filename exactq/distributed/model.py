@@ -18,10 +18,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch_geometric.nn import (GATConv, GATv2Conv, GCNConv, GINConv, GINEConv, GraphConv, MessagePassing,
-                                SAGEConv, TransformerConv)
+from torch_geometric.nn import (EdgeConv, GATConv, GATv2Conv, GCNConv, GINConv, GINEConv, GraphConv, MessagePassing,
+                                PNAConv, SAGEConv, TransformerConv)
 from torch_geometric.nn import aggr as pyg_aggr
 from torch_geometric.nn import norm as pyg_norm
+from torch_geometric.nn.aggr.fused import FusedAggregation  # MultiAggregation's fused basic reductions
 
 from .exchange import ExchangeStats, Exchanger, check_message_bits, exchange_halo
 from .shard import GraphShard
@@ -30,10 +31,26 @@ log = logging.getLogger(__name__)
 
 # Layers whose output row for node v depends only on v's in-edges, in-neighbours and v itself (one
 # propagation): exact once the halo rows are there.
-SUPPORTED_LAYERS = (GCNConv, SAGEConv, GraphConv, GINConv, GINEConv, GATConv, GATv2Conv, TransformerConv)
+SUPPORTED_LAYERS = (GCNConv, SAGEConv, GraphConv, GINConv, GINEConv, GATConv, GATv2Conv, TransformerConv, EdgeConv,
+                    PNAConv)
+# Layers that take no (x_src, x_dst) pair: called on the rows their edges read, their output sliced to
+# the targets (neither has a batch norm over its output rows, which would see the extra rows).
+_UNIPARTITE_LAYERS = (GCNConv, PNAConv)
 # Modules that mix rows across the whole graph (or a graph of a batch).
 _GLOBAL_MODULES = (pyg_norm.GraphNorm, pyg_norm.InstanceNorm, pyg_norm.PairNorm, pyg_norm.MeanSubtractionNorm,
                    pyg_norm.GraphSizeNorm, pyg_norm.DiffGroupNorm)
+# Aggregations whose result for a node reads only that node's messages, in any order: a shard computes
+# them exactly. The others read the order of a node's neighbours (LSTM, GRU, LCM, MLP, patches), pad
+# them to the largest neighbourhood in the call (LSTM, GRU, set transformer) or solve over all the
+# call's nodes at once (equilibrium), so a shard's call differs from the whole graph's. Exact types: a
+# subclass may aggregate differently. (Quantile's interpolation positions are float32 offsets into all
+# the call's messages in PyG, so its one-process result carries ~1e-5 rounding that a shard's lacks.)
+SUPPORTED_AGGREGATIONS = (
+    pyg_aggr.SumAggregation, pyg_aggr.MeanAggregation, pyg_aggr.MaxAggregation, pyg_aggr.MinAggregation,
+    pyg_aggr.MulAggregation, pyg_aggr.VarAggregation, pyg_aggr.StdAggregation, pyg_aggr.SoftmaxAggregation,
+    pyg_aggr.PowerMeanAggregation, pyg_aggr.MedianAggregation, pyg_aggr.QuantileAggregation,
+    pyg_aggr.AttentionalAggregation, pyg_aggr.DeepSetsAggregation, pyg_aggr.VariancePreservingAggregation,
+    pyg_aggr.DegreeScalerAggregation, pyg_aggr.MultiAggregation, FusedAggregation)
 # Layers that aggregate a torch.sparse adjacency by sparse matmul (message_and_aggregate).
 _SPARSE_LAYERS = (GCNConv, SAGEConv, GraphConv, GINConv)
 _EDGE_ARGS = ("edge_weight", "edge_attr")
@@ -247,7 +264,10 @@ class DistributedState:
         w = edge_weight.to(dtype) if edge_weight is not None else torch.ones(src.numel(), dtype=dtype, device=dev)
         if conv.add_self_loops:
             loop = src == dst
-            loop_w = torch.full((n,), 2.0 if conv.improved else 1.0, dtype=dtype, device=dev)
+            # PyG's gcn_norm gives added self-loops improved's weight 2 only with edge weights (a sparse
+            # adjacency has them): add_remaining_self_loops ignores its fill value without. As it does.
+            fill = 2.0 if conv.improved and edge_weight is not None else 1.0
+            loop_w = torch.full((n,), fill, dtype=dtype, device=dev)
             if sparse:  # PyG adds the self-loop to a sparse adjacency's diagonal
                 loop_w.index_add_(0, dst[loop], w[loop])
             else:  # add_remaining_self_loops: an existing self-loop keeps its weight
@@ -270,8 +290,8 @@ class _DistributedLayer:
         self.conv = weakref.ref(conv)  # the module holds this object: no reference cycle
         self.signature = inspect.signature(type(conv).forward)
         # Bipartite call (x_src, x_dst): the layer computes rows for the targets only, so modules it
-        # applies to its output rows (GIN's MLP) see exactly the owned rows. GCNConv takes no pair.
-        self.bipartite = not isinstance(conv, GCNConv)
+        # applies to its output rows (GIN's MLP) see exactly the owned rows.
+        self.bipartite = not isinstance(conv, _UNIPARTITE_LAYERS)
         # Layers that transform every source row before they aggregate get compact calls (only the rows
         # edges read); the others read the owned / owned + halo rows as they are (no copies of them).
         self.compact = not self.bipartite or isinstance(conv, (GATConv, GATv2Conv, TransformerConv)) \
@@ -501,6 +521,22 @@ def _check_module(name: str, module: torch.nn.Module, inside_layer: bool) -> Non
             f"exactq.distributed cannot distribute {name} ({type(module).__name__}): supported message-passing "
             f"layers are {', '.join(c.__name__ for c in SUPPORTED_LAYERS)} (one propagation whose output for a "
             f"node reads only its in-edges and in-neighbours)")
+    if isinstance(module, SUPPORTED_LAYERS):
+        base = next(c for c in type(module).__mro__ if c in SUPPORTED_LAYERS)
+        if type(module).forward is not base.forward:  # it could propagate twice, or read other nodes' rows
+            raise NotImplementedError(
+                f"exactq.distributed cannot distribute {name} ({type(module).__name__}): it overrides "
+                f"{base.__name__}.forward, which the distributed call replaces; keep a {base.__name__} as a "
+                f"submodule instead")
+        if module.flow != "source_to_target":
+            raise NotImplementedError(
+                f"exactq.distributed cannot distribute {name} ({type(module).__name__}) with flow={module.flow!r}: a "
+                f"shard holds its nodes' in-edges; flip the graph's edge_index before partitioning instead")
+    if isinstance(module, pyg_aggr.Aggregation) and inside_layer and type(module) not in SUPPORTED_AGGREGATIONS:
+        raise NotImplementedError(
+            f"exactq.distributed cannot distribute {name} ({type(module).__name__}): its result for a node depends "
+            f"on more than that node's messages as a set (their order, or the other nodes aggregated in the same "
+            f"call); supported aggregations are {', '.join(c.__name__ for c in SUPPORTED_AGGREGATIONS[:-1])}")
     if isinstance(module, _GLOBAL_MODULES) or (isinstance(module, pyg_norm.LayerNorm) and module.mode == "graph"):
         raise NotImplementedError(f"exactq.distributed cannot distribute {name} ({type(module).__name__}): it mixes "
                                   f"rows across the whole graph")
@@ -524,8 +560,10 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
     summed (full-graph) parameter gradients.
 
     Args:
-        model: a PyG model whose message-passing layers are among ``SUPPORTED_LAYERS``; batch norm
-            (``BatchNorm1d``, PyG's ``BatchNorm``) uses global statistics.
+        model: a PyG model whose message-passing layers are among ``SUPPORTED_LAYERS`` (their own
+            classes, or subclasses that keep their ``forward``), aggregating over in-edges with one of
+            ``SUPPORTED_AGGREGATIONS``; batch norm (``BatchNorm1d``, PyG's ``BatchNorm``) uses global
+            statistics. Anything else that would not equal one process is refused (NotImplementedError).
         shard: this rank's :class:`GraphShard` (``shard.rank`` must be the process group rank).
         message_bits: ``None`` (exact float messages), 1, 2, 4 or 8 (quantized, unbiased), or
             ``"auto"`` (2/4/8 chosen per layer and link, see :mod:`exactq.distributed.adaptive`).
