@@ -43,6 +43,13 @@ def flat_grads(model):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
+def loss_and_grad(model, inputs, y, mask, total):
+    loss = shard_loss(model(*inputs), y, mask, total)
+    loss.backward()
+    return float(loss.detach()), torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+                                            for p in model.parameters()])
+
+
 # -- partition and shards (one process) -----------------------------------------------------------
 
 def test_metis_cuts_fewer_edges_than_random_and_balances():
@@ -465,6 +472,31 @@ def test_sparse_adjacency_equals_single_process(tmp_path):
             assert float((got[name, overlap] - g).norm() / g.norm()) <= 1e-5, (name, overlap)
 
 
+def _float64_worker(rank, world, out_dir):
+    data = graph()
+    s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)
+    result = {}
+    for name in MODELS:
+        model = xd.wrap(make_model(name, data).double(), s, message_bits=None)
+        result[name] = loss_and_grad(model, (s.x.double(), s.edge_index), s.y, s.train_mask,
+                                      s.global_counts["train_mask"])
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_float64_models_equal_one_process_to_rounding(tmp_path):
+    """In float64 the exact path agrees with one process to 1e-12: nothing on the way (messages, halo
+    degrees, batch norm statistics, gradient sums) passes through float32."""
+    xd.spawn(_float64_worker, 2, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    data = graph()
+    for name in MODELS:
+        loss, g = loss_and_grad(make_model(name, data).double(), (data.x.double(), data.edge_index), data.y,
+                                 data.train_mask, int(data.train_mask.sum()))
+        assert ranks[0][name][1].dtype == torch.float64
+        assert abs(sum(r[name][0] for r in ranks) - loss) <= 1e-12 * abs(loss), name
+        assert float((ranks[0][name][1] - g).norm()) <= 1e-12 * float(g.norm()), name
+
+
 # -- every supported layer configuration and every PyG aggregation --------------------------------------
 
 def _mlp(i, o):
@@ -588,13 +620,6 @@ def _sweep_model(name, data):
     return _TwoLayers(make, edge_arg, data.num_features, 16)
 
 
-def _loss_and_grad(model, inputs, y, mask, total):
-    loss = shard_loss(model(*inputs), y, mask, total)
-    loss.backward()
-    return float(loss.detach()), torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
-                                            for p in model.parameters()])
-
-
 def _sweep_inputs(model, x, graph, edge_values):
     return (x, graph) if model.edge_arg is None else (x, graph, edge_values[model.edge_arg])
 
@@ -607,7 +632,7 @@ def _sweep_worker(rank, world, out_dir):
         for graph in (s.edge_index, adj) if sparse else (s.edge_index,):
             for overlap in (False, True):
                 model = xd.wrap(_sweep_model(name, data), s, message_bits=None, overlap=overlap)
-                result[name, graph is adj, overlap] = _loss_and_grad(
+                result[name, graph is adj, overlap] = loss_and_grad(
                     model, _sweep_inputs(model, s.x, graph, s.edge_attrs), s.y, s.train_mask, total)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -627,7 +652,7 @@ def test_every_supported_layer_and_aggregation_equals_one_process(tmp_path):
         model = _sweep_model(name, d)
         inputs = _sweep_inputs(model, d.x, d.adj_t if sparse else d.edge_index,
                                {"edge_attr": d.edge_attr, "edge_weight": d.edge_weight})
-        loss, g = _loss_and_grad(model, inputs, d.y, d.train_mask, int(d.train_mask.sum()))
+        loss, g = loss_and_grad(model, inputs, d.y, d.train_mask, int(d.train_mask.sum()))
         summed = sum(r[name, sparse, overlap][0] for r in ranks)
         where = (name, "sparse" if sparse else "edge_index", "overlap" if overlap else "")
         assert abs(summed - loss) <= 1e-5 * abs(loss), where
@@ -684,7 +709,7 @@ def _zoo_worker(rank, world, out_dir):
         except NotImplementedError as e:
             result[key] = str(e)
             continue
-        result[key] = _loss_and_grad(model, (s.x, s.edge_index), s.y, s.train_mask, s.global_counts["train_mask"])
+        result[key] = loss_and_grad(model, (s.x, s.edge_index), s.y, s.train_mask, s.global_counts["train_mask"])
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -697,7 +722,7 @@ def test_pyg_model_zoo_is_distributed_exactly_or_refused(tmp_path):
             assert isinstance(got, str) and "mixes rows across the whole graph" in got, (key, got)
             continue
         assert not isinstance(got, str), (key, got)
-        loss, g = _loss_and_grad(_zoo_model(*key, data), (data.x, data.edge_index), data.y, data.train_mask,
+        loss, g = loss_and_grad(_zoo_model(*key, data), (data.x, data.edge_index), data.y, data.train_mask,
                                  int(data.train_mask.sum()))
         assert abs(sum(r[key][0] for r in ranks) - loss) <= 1e-5 * abs(loss), key
         assert float((got[1] - g).norm()) <= 1e-5 * float(g.norm()), (key, float((got[1] - g).norm() / g.norm()))
