@@ -747,6 +747,41 @@ def test_command_line_partition_and_local_training(tmp_path):
     assert "x less" in proc.stdout
 
 
+def test_torchrun_across_two_nodes_equals_the_local_launcher(tmp_path):
+    """The README's multi-machine command (torchrun, c10d rendezvous, one agent per machine, each rank loading
+    its own part), run as two agents on 127.0.0.1, trains exactly as `python -m exactq distributed` does."""
+    import json
+    import subprocess
+    import sys
+
+    common = ["--dataset", "synthetic", "--nodes", "600", "--parts-dir", str(tmp_path / "parts"), "--epochs", "3",
+              "--model", "gcn", "--quiet"]
+    subprocess.run([sys.executable, "-m", "exactq", "partition", "--dataset", "synthetic", "--nodes", "600", "--parts",
+                    "2", "--dir", str(tmp_path / "parts")], check=True, timeout=TIMEOUT, capture_output=True)
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
+                                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                                "--rdzv-id", "exactq-test", "-m", "exactq.distributed.train", *common,
+                                "--out", str(tmp_path / f"node{k}.json")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(2)]
+    try:
+        logs = [a.communicate(timeout=TIMEOUT)[0] for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    assert [a.returncode for a in agents] == [0, 0], logs
+    written = [json.loads(f.read_text()) for f in (tmp_path / f"node{k}.json" for k in range(2)) if f.exists()]
+    assert len(written) == 1  # rank 0 writes the summary, on whichever machine it runs
+    subprocess.run([sys.executable, "-m", "exactq", "distributed", "--nprocs", "2", *common, "--out",
+                    str(tmp_path / "local.json")], check=True, timeout=TIMEOUT, capture_output=True)
+    local, multi = json.loads((tmp_path / "local.json").read_text()), written[0]
+    assert multi["world"] == local["world"] == 2
+    # same partition, seeds and stochastic rounding; float sums may differ in their last bits (thread setup)
+    assert multi["loss_per_epoch"] == pytest.approx(local["loss_per_epoch"], rel=1e-5)
+    assert len(local["loss_per_epoch"]) == 3
+    assert (multi["bytes_per_epoch"], multi["test_at_best_val"]) == (local["bytes_per_epoch"], local["test_at_best_val"])
+
+
 def _stored_worker(rank, world, out_dir):
     data = synthetic_graph(2000, 32, 16000, 4, signal=1.0, seed=3)
     s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)

@@ -165,7 +165,8 @@ def run(rank: int, world: int, args: argparse.Namespace, part=None) -> Optional[
         return None
     times = [r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]]
     summary = dict(dataset=args.dataset, model=args.model, world=world, message_bits=args.message_bits,
-                   overlap=not args.no_overlap, epochs=args.epochs, best_val=best_val, test_at_best_val=test_at_best,
+                   overlap=not args.no_overlap, epochs=args.epochs, loss_per_epoch=[r["loss"] for r in rows],
+                   best_val=best_val, test_at_best_val=test_at_best,
                    median_epoch_seconds=statistics.median(times), bytes_per_epoch=rows[-1]["bytes"],
                    fp32_bytes_per_epoch=rows[-1]["fp32_bytes"],
                    comm_share=statistics.median(r["comm_share"] for r in rows), load_seconds=load_seconds,
