@@ -10,9 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-from torch_geometric.nn import (APPNP, GAT, GCN, GIN, PNA, ChebConv, EdgeCNN, EdgeConv, GATConv, GATv2Conv, GCNConv,
-                                GINConv, GINEConv, GraphConv, GraphNorm, GraphSAGE, PNAConv, SAGEConv, TransformerConv,
-                                global_mean_pool)
+from torch_geometric.nn import (APPNP, GAT, GCN, GIN, PNA, AGNNConv, CGConv, ChebConv, ClusterGCNConv, EdgeCNN,
+                                EdgeConv, FeaStConv, FiLMConv, GATConv, GATv2Conv, GCNConv, GENConv, GeneralConv,
+                                GINConv, GINEConv, GMMConv, GraphConv, GraphNorm, GraphSAGE, LEConv, MessagePassing,
+                                MFConv, NNConv, PNAConv, ResGatedGraphConv, RGCNConv, SAGEConv, SimpleConv,
+                                TransformerConv, WLConvContinuous, global_mean_pool)
 from torch_geometric.nn import aggr as pyg_aggr
 
 import exactq
@@ -510,6 +512,17 @@ class _HalvedMessages(SAGEConv):
         return 0.5 * x_j
 
 
+class _Projected(torch.nn.Module):
+    """A layer that keeps its input's width, after a projection to the width wanted."""
+
+    def __init__(self, i, o, conv):
+        super().__init__()
+        self.lin, self.conv = torch.nn.Linear(i, o), conv
+
+    def forward(self, x, edge_index, **edge):
+        return self.conv(self.lin(x), edge_index, **edge)
+
+
 class _TwoHops(GCNConv):
     """A subclass that overrides ``forward`` (here: propagates twice): refused, it would be wrong on a shard."""
 
@@ -590,6 +603,31 @@ LAYERS = {
     "PNAConv(towers, edge_dim)": (lambda i, o: PNAConv(i, o, ["sum", "var"], ["linear", "inverse_linear"],
                                                        torch.tensor([1, 3, 5, 8]), edge_dim=4, towers=2,
                                                        pre_layers=2, post_layers=2), "edge_attr", False),
+    "ResGatedGraphConv": (lambda i, o: ResGatedGraphConv(i, o), None, False),
+    "ResGatedGraphConv(edge_dim)": (lambda i, o: ResGatedGraphConv(i, o, edge_dim=4), "edge_attr", False),
+    "GENConv(softmax, batch norm)": (lambda i, o: GENConv(i, o, aggr="softmax", learn_t=True, num_layers=2,
+                                                          norm="batch"), None, False),
+    "GENConv(msg_norm, edge_dim)": (lambda i, o: GENConv(i, o, msg_norm=True, learn_msg_scale=True, edge_dim=4),
+                                    "edge_attr", False),
+    "GeneralConv": (lambda i, o: GeneralConv(i, o), None, False),
+    "GeneralConv(attention, edge)": (lambda i, o: GeneralConv(i, o, in_edge_channels=4, attention=True, heads=2),
+                                     "edge_attr", False),
+    "LEConv": (lambda i, o: LEConv(i, o), "edge_weight", False),
+    "CGConv(batch_norm)": (lambda i, o: _Projected(i, o, CGConv(o, dim=4, batch_norm=True)), "edge_attr", False),
+    "NNConv": (lambda i, o: NNConv(i, o, torch.nn.Linear(4, i * o), aggr="mean"), "edge_attr", False),
+    "FiLMConv(relations)": (lambda i, o: FiLMConv(i, o, num_relations=3), "edge_type", False),
+    "MFConv": (lambda i, o: MFConv(i, o, max_degree=5), None, False),
+    "SimpleConv(self_loop)": (lambda i, o: _Projected(i, o, SimpleConv("mean", combine_root="self_loop")), None,
+                              False),
+    "SimpleConv(sum, edge_weight)": (lambda i, o: _Projected(i, o, SimpleConv("sum", combine_root="sum")),
+                                     "edge_weight", False),
+    "FeaStConv": (lambda i, o: FeaStConv(i, o, heads=2), None, False),
+    "GMMConv": (lambda i, o: GMMConv(i, o, dim=4, kernel_size=3), "edge_attr", False),
+    "AGNNConv": (lambda i, o: _Projected(i, o, AGNNConv()), None, False),
+    "ClusterGCNConv": (lambda i, o: ClusterGCNConv(i, o, diag_lambda=0.5), None, False),
+    "RGCNConv": (lambda i, o: RGCNConv(i, o, 3), "edge_type", False),
+    "RGCNConv(bases, add)": (lambda i, o: RGCNConv(i, o, 3, num_bases=2, aggr="add"), "edge_type", False),
+    "WLConvContinuous": (lambda i, o: _Projected(i, o, WLConvContinuous()), None, False),
 }
 LAYERS.update({f"SAGEConv({n})": ((lambda make: lambda i, o: SAGEConv(i, o, aggr=make(i)))(AGGREGATIONS[n]), None,
                                   n in ("SumAggregation", "MeanAggregation", "MaxAggregation", "MinAggregation"))
@@ -611,6 +649,7 @@ def sweep_graph():
     g = torch.Generator().manual_seed(1)
     data.edge_attr = torch.randn(data.edge_index.shape[1], 4, generator=g)
     data.edge_weight = torch.rand(data.edge_index.shape[1], generator=g) + 0.1
+    data.edge_type = torch.randint(0, 3, (data.edge_index.shape[1],), generator=g)
     return data
 
 
@@ -657,7 +696,7 @@ def test_every_supported_layer_and_aggregation_equals_one_process(tmp_path):
         d = sparse_data if sparse else data
         model = _sweep_model(name, d)
         inputs = _sweep_inputs(model, d.x, d.adj_t if sparse else d.edge_index,
-                               {"edge_attr": d.edge_attr, "edge_weight": d.edge_weight})
+                               {k: d[k] for k in ("edge_attr", "edge_weight", "edge_type")})
         loss, g = loss_and_grad(model, inputs, d.y, d.train_mask, int(d.train_mask.sum()))
         summed = sum(r[name, sparse, overlap][0] for r in ranks)
         where = (name, "sparse" if sparse else "edge_index", "overlap" if overlap else "")
@@ -686,7 +725,9 @@ def test_aggregations_and_layers_a_shard_cannot_compute_exactly_are_refused(one_
         xd.wrap(torch.nn.Sequential(_TwoHops(12, 16)), s)
     for make, _, _ in LAYERS.values():  # aggregating over out-edges: a shard holds its nodes' in-edges
         layer = make(12, 16)
-        layer.flow = "target_to_source"
+        for m in layer.modules():
+            if isinstance(m, MessagePassing):
+                m.flow = "target_to_source"
         with pytest.raises(NotImplementedError, match="flow='target_to_source'"):
             xd.wrap(torch.nn.Sequential(layer), s)
 

@@ -18,8 +18,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch_geometric.nn import (EdgeConv, GATConv, GATv2Conv, GCNConv, GINConv, GINEConv, GraphConv, MessagePassing,
-                                PNAConv, SAGEConv, TransformerConv)
+from torch_geometric.nn import (AGNNConv, CGConv, ClusterGCNConv, EdgeConv, FeaStConv, FiLMConv, GATConv, GATv2Conv,
+                                GCNConv, GENConv, GeneralConv, GINConv, GINEConv, GMMConv, GraphConv, LEConv,
+                                MessagePassing, MFConv, NNConv, PNAConv, ResGatedGraphConv, RGCNConv, SAGEConv,
+                                SimpleConv, TransformerConv, WLConvContinuous)
 from torch_geometric.nn import aggr as pyg_aggr
 from torch_geometric.nn import norm as pyg_norm
 from torch_geometric.nn.aggr.fused import FusedAggregation  # MultiAggregation's fused basic reductions
@@ -32,10 +34,14 @@ log = logging.getLogger(__name__)
 # Layers whose output row for node v depends only on v's in-edges, in-neighbours and v itself (one
 # propagation): exact once the halo rows are there.
 SUPPORTED_LAYERS = (GCNConv, SAGEConv, GraphConv, GINConv, GINEConv, GATConv, GATv2Conv, TransformerConv, EdgeConv,
-                    PNAConv)
-# Layers that take no (x_src, x_dst) pair: called on the rows their edges read, their output sliced to
-# the targets (neither has a batch norm over its output rows, which would see the extra rows).
-_UNIPARTITE_LAYERS = (GCNConv, PNAConv)
+                    PNAConv, ResGatedGraphConv, GENConv, GeneralConv, LEConv, CGConv, NNConv, FiLMConv, MFConv,
+                    SimpleConv, FeaStConv, GMMConv, AGNNConv, ClusterGCNConv, RGCNConv, WLConvContinuous)
+# Layers that take no (x_src, x_dst) pair, or add self-loops only without one (SimpleConv): called on the
+# rows their edges read, targets first, their output sliced to the targets (none has a batch norm over
+# its output rows, which would see the extra rows).
+_UNIPARTITE_LAYERS = (GCNConv, PNAConv, SimpleConv, AGNNConv, ClusterGCNConv)
+# Bipartite layers that add self-loops (source row i to target i): their calls put the targets first.
+_LOOPED_LAYERS = (GATConv, GATv2Conv, FeaStConv)
 # Modules that mix rows across the whole graph (or a graph of a batch).
 _GLOBAL_MODULES = (pyg_norm.GraphNorm, pyg_norm.InstanceNorm, pyg_norm.PairNorm, pyg_norm.MeanSubtractionNorm,
                    pyg_norm.GraphSizeNorm, pyg_norm.DiffGroupNorm)
@@ -53,7 +59,7 @@ SUPPORTED_AGGREGATIONS = (
     pyg_aggr.DegreeScalerAggregation, pyg_aggr.MultiAggregation, FusedAggregation)
 # Layers that aggregate a torch.sparse adjacency by sparse matmul (message_and_aggregate).
 _SPARSE_LAYERS = (GCNConv, SAGEConv, GraphConv, GINConv)
-_EDGE_ARGS = ("edge_weight", "edge_attr")
+_EDGE_ARGS = ("edge_weight", "edge_attr", "edge_type")  # the supported layers' per-edge arguments
 _ATTR = "_exactq_distributed"
 _CACHE = 8
 
@@ -292,9 +298,10 @@ class _DistributedLayer:
         # Bipartite call (x_src, x_dst): the layer computes rows for the targets only, so modules it
         # applies to its output rows (GIN's MLP) see exactly the owned rows.
         self.bipartite = not isinstance(conv, _UNIPARTITE_LAYERS)
-        # Layers that transform every source row before they aggregate get compact calls (only the rows
-        # edges read); the others read the owned / owned + halo rows as they are (no copies of them).
-        self.compact = not self.bipartite or isinstance(conv, (GATConv, GATv2Conv, TransformerConv)) \
+        # Compact calls (the call's targets first, then only the sources its edges read): layers with
+        # self-loops need them; layers that transform every source row before they aggregate gain by
+        # them. The others read the owned / owned + halo rows as they are (no copies of them).
+        self.compact = not self.bipartite or isinstance(conv, _LOOPED_LAYERS + (TransformerConv,)) \
             or (isinstance(conv, SAGEConv) and conv.project)
         # A batch norm inside the layer must see all its rows in one call: no central/marginal split.
         self.overlap = state.overlap and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
