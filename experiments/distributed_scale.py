@@ -1,8 +1,9 @@
 """exactq.distributed beyond one machine: projected epoch time on the ogbn-products-shaped graph, and
 memory per rank with 4 ranks against one process.
 
-    python experiments/distributed_scale.py [--quick] [--sections projection memory] [--scale 1.0]
+    python experiments/distributed_scale.py [--quick] [--sections projection memory peak] [--scale 1.0]
                                             [--memory-scale 0.5] [--epochs 2] [--locality 0.9]
+                                            [--peak-scale 0.05]
 
 Graph: 2,449,029 nodes, 100 features, 61,859,140 directed edges, 47 classes, 90% of the edges within
 communities (real graphs cluster; METIS then cuts ~10% of the edges, as on real products). Model:
@@ -20,10 +21,17 @@ GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
   its own shard from a partition directory) against one process training on the whole graph, both
   with exactq INT2 activations, at ``--memory-scale`` (0.5: four full-size ranks with their halos do
   not fit together in this machine's 24 GiB), and ``--locality`` of the edges within communities (the
-  rest join random nodes: they make the halo).
+  rest join random nodes: they make the halo). The ranks run twice: with GraphSAGE's halo rows
+  aggregated by column blocks (what ``wrap`` does for it on a CSR adjacency), and given owned + halo rows
+  in one tensor (the path every other layer takes, and SAGE's before the column blocks), side by side.
+* peak: where the memory goes, at ``--peak-scale``: the live bytes of the tensors a training epoch
+  makes (the second epoch: caches built in the first are not counted), op by op, for one process and
+  for each rank of 4 with either aggregation; the peak, the op it came at, and the largest tensors
+  alive then.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -34,12 +42,16 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch_geometric.nn import SAGEConv
 
 import exactq
 import exactq.distributed as xd
 from exactq.data import PAPER_GRAPHS, synthetic_graph
 from exactq.distributed.exchange import decode, encode, message_nbytes
-from exactq.memory import peak_rss_bytes
+from exactq.memory import arg_storages, peak_rss_bytes, sparse_parts
 from exactq.train import build_model
 
 from common import Timer, apply_threads, command_line, parser, write_results
@@ -184,15 +196,120 @@ def _train(model, x, graph, y, mask, total: int, epochs: int) -> list:
         times.append(time.perf_counter() - t)
     return times
 
-def _rank_memory(rank, world, parts_dir, epochs, out_dir):
+class _OwnedPlusHalo(SAGEConv):
+    """SAGEConv aggregating through a ``message_and_aggregate`` of its own: exactq.distributed then gives
+    it owned + halo rows in one tensor instead of column blocks (the comparison's other side)."""
+
+    def message_and_aggregate(self, adj_t, x):
+        return super().message_and_aggregate(adj_t, x)
+
+
+def _rank_model(shard, blocks: bool):
+    torch.manual_seed(0)
+    model = build_model("sage", shard.x.shape[1], 256, 47, 3)
+    if not blocks:
+        for m in model.modules():
+            if type(m) is SAGEConv:
+                m.__class__ = _OwnedPlusHalo
+    return xd.wrap(model, shard, message_bits=2)
+
+
+def _write_partition(d: str, scale: float, locality: float, world: int) -> str:
+    """A partition directory of the products-shaped graph (each rank then loads only its own shard)."""
+    parts_dir = os.path.join(d, "parts")
+    subprocess.run([sys.executable, "-m", "exactq", "partition", "--dataset", "ogbn-products-shape", "--scale",
+                    str(scale), "--signal", "0.2", "--locality", str(locality), "--parts", str(world),
+                    "--dir", parts_dir], check=True)
+    return parts_dir
+
+
+def _rank_memory(rank, world, parts_dir, epochs, out_dir, blocks):
     shard = xd.load_shard(parts_dir, rank)
     adj = shard.sparse_adjacency()
-    torch.manual_seed(0)
-    model = xd.wrap(build_model("sage", shard.x.shape[1], 256, 47, 3), shard, message_bits=2)
+    model = _rank_model(shard, blocks)
     times = _train(model, shard.x, adj, shard.y, shard.train_mask, shard.global_counts["train_mask"], epochs)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"rank{rank}_{blocks}.json"), "w") as f:
         json.dump({"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times, "num_local": shard.num_local,
                    "num_halo": shard.num_halo}, f)
+
+
+class _PeakTensors(TorchDispatchMode):
+    """Live bytes of the tensor storages made while it is active, after every op: the peak, the op it
+    came at, and the largest storages alive then (with the op and shape that made each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict = {}
+        self.phase = ""
+        self.peak, self.at, self.largest = 0, "", []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        existing = arg_storages(args, kwargs)  # a view or in-place result: memory that existed already
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor):
+                for t in (o,) if o.layout == torch.strided else sparse_parts(o):
+                    st = t.untyped_storage()
+                    if st._cdata not in existing and st._cdata not in self._made:
+                        self._made[st._cdata] = (StorageWeakRef(st), st.nbytes(), f"{func.__name__} {tuple(t.shape)}")
+        self._made = {k: v for k, v in self._made.items() if not v[0].expired()}
+        live = sum(n for _, n, _ in self._made.values())
+        if live > self.peak:
+            self.peak, self.at = live, f"{self.phase}: {func.__name__}"
+            self.largest = sorted(((n, what) for _, n, what in self._made.values()), reverse=True)[:5]
+        return out
+
+
+def _peak_epoch(model, x, graph, y, mask, total: int) -> dict:
+    """Tensor peak of the second of two training epochs (exactq INT2 activations)."""
+    opt = torch.optim.Adam(model.parameters(), lr=0.003)
+    for epoch in range(2):
+        with _PeakTensors() if epoch else contextlib.nullcontext() as tracker:
+            opt.zero_grad(set_to_none=True)
+            if tracker:
+                tracker.phase = "forward"
+            with exactq.compress(bits=2):
+                out = model(x, graph)
+            loss = F.cross_entropy(out[mask], y[mask], reduction="sum") / total
+            del out
+            if tracker:
+                tracker.phase = "backward"
+            loss.backward()
+            opt.step()
+    return {"peak MB": tracker.peak / 2**20, "at": tracker.at,
+            "largest tensors alive then (MB)": "; ".join(f"{what} {n / 2**20:.1f}" for n, what in tracker.largest)}
+
+
+def _rank_peak(rank, world, parts_dir, out_dir, blocks):
+    shard = xd.load_shard(parts_dir, rank)
+    model = _rank_model(shard, blocks)
+    result = _peak_epoch(model, shard.x, shard.sparse_adjacency(), shard.y, shard.train_mask,
+                         shard.global_counts["train_mask"])
+    with open(os.path.join(out_dir, f"peak{rank}_{blocks}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def peak(scale: float, locality: float, world: int = 4):
+    from exactq.data import with_sparse_adjacency
+
+    data = with_sparse_adjacency(products(scale, locality))
+    torch.manual_seed(0)
+    single = _peak_epoch(build_model("sage", data.num_features, 256, 47, 3), data.x, data.adj_t, data.y,
+                         data.train_mask, int(data.train_mask.sum()))
+    rows = [{"process": "one process", **single, "x of one process": 1.0}]
+    with tempfile.TemporaryDirectory() as d:
+        parts_dir = _write_partition(d, scale, locality, world)
+        for blocks in (True, False):
+            xd.spawn(_rank_peak, world, args=(parts_dir, d, blocks), timeout=3600, pg_timeout=1800)
+            for r in range(world):
+                with open(os.path.join(d, f"peak{r}_{blocks}.json")) as f:
+                    m = json.load(f)
+                rows.append({"process": f"rank {r} of {world}, " + ("column blocks" if blocks else "owned + halo input"),
+                             **m, "x of one process": m["peak MB"] / single["peak MB"]})
+    for r in rows:
+        print(r, flush=True)
+    return rows
 
 
 def _single_process(scale: float, epochs: int, locality: float) -> dict:
@@ -212,23 +329,24 @@ def memory(scale: float, epochs: int, locality: float, world: int = 4):
     line = [l for l in one.stdout.splitlines() if l.startswith("RESULT ")]
     single = json.loads(line[0][7:]) if line else {"peak_rss_gb": float("nan"), "epoch_s": [float("nan")],
                                                    "error": one.stderr[-300:]}
-    rows.append({"processes": 1, "rank": "-", "owned nodes": int(PAPER_GRAPHS["ogbn-products"][0] * scale),
+    rows.append({"processes": 1, "halo rows": "-", "rank": "-",
+                 "owned nodes": int(PAPER_GRAPHS["ogbn-products"][0] * scale),
                  "halo nodes": 0, "peak RSS GB": single["peak_rss_gb"], "x of one process": 1.0,
                  "median epoch s": statistics.median(single["epoch_s"])})
     print(rows[-1], single.get("error", ""), flush=True)
     with tempfile.TemporaryDirectory() as d:
-        parts_dir = os.path.join(d, "parts")
-        subprocess.run([sys.executable, "-m", "exactq", "partition", "--dataset", "ogbn-products-shape", "--scale",
-                        str(scale), "--signal", "0.2", "--locality", str(locality), "--parts", str(world),
-                        "--dir", parts_dir], check=True)
-        xd.spawn(_rank_memory, world, args=(parts_dir, epochs, d), timeout=7200, pg_timeout=1800)
-        for r in range(world):
-            with open(os.path.join(d, f"rank{r}.json")) as f:
-                m = json.load(f)
-            rows.append({"processes": world, "rank": r, "owned nodes": m["num_local"], "halo nodes": m["num_halo"],
-                         "peak RSS GB": m["peak_rss_gb"], "x of one process": m["peak_rss_gb"] / single["peak_rss_gb"],
-                         "median epoch s": statistics.median(m["epoch_s"])})
-            print(rows[-1], flush=True)
+        parts_dir = _write_partition(d, scale, locality, world)
+        for blocks in (True, False):
+            xd.spawn(_rank_memory, world, args=(parts_dir, epochs, d, blocks), timeout=7200, pg_timeout=1800)
+            for r in range(world):
+                with open(os.path.join(d, f"rank{r}_{blocks}.json")) as f:
+                    m = json.load(f)
+                rows.append({"processes": world, "halo rows": "column blocks" if blocks else "owned + halo input",
+                             "rank": r, "owned nodes": m["num_local"], "halo nodes": m["num_halo"],
+                             "peak RSS GB": m["peak_rss_gb"],
+                             "x of one process": m["peak_rss_gb"] / single["peak_rss_gb"],
+                             "median epoch s": statistics.median(m["epoch_s"])})
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -237,7 +355,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(_single_process(float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))))
         return
     p = parser(__doc__)
-    p.add_argument("--sections", nargs="+", default=["projection", "memory"], choices=["projection", "memory"])
+    p.add_argument("--sections", nargs="+", default=["projection", "memory"], choices=["projection", "memory", "peak"])
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--locality", type=float, default=0.9,
@@ -246,6 +364,7 @@ def main(argv=None):
     p.add_argument("--memory-scale", type=float, default=0.5,
                    help="graph scale of the memory section: 4 ranks of the full graph, each with its halo, do not "
                         "fit together in this machine's 24 GiB (one machine each is the point)")
+    p.add_argument("--peak-scale", type=float, default=0.05, help="graph scale of the peak section")
     args = p.parse_args(argv)
     apply_threads(args)
     scale = 0.01 if args.quick else args.scale
@@ -268,6 +387,16 @@ def main(argv=None):
                             f"Peak resident memory per process, ogbn-products-shaped graph (scale {mscale}, "
                             f"{args.locality:.0%} of edges within communities), GraphSAGE 3 x 256, exactq INT2 "
                             "activations, 2-bit messages; one process vs 4 ranks on this machine.",
+                            command_line(), timer.seconds).read_text())
+    if "peak" in args.sections:
+        with Timer() as timer:
+            pscale = scale if args.quick else args.peak_scale
+            rows = peak(pscale, args.locality)
+        stem = f"distributed_peak{suffix}" + ("" if args.locality == 0.9 else f"_locality{args.locality}")
+        print(write_results(args.out, stem, rows,
+                            f"Live tensor bytes of a training epoch, op by op (its second epoch), ogbn-products-shaped "
+                            f"graph (scale {pscale}, {args.locality:.0%} of edges within communities), GraphSAGE 3 x "
+                            "256, exactq INT2 activations, 2-bit messages: one process vs each rank of 4.",
                             command_line(), timer.seconds).read_text())
 
 

@@ -372,22 +372,24 @@ def test_eval_forwards_exchange_exact_messages_by_default(tmp_path):
         assert not torch.equal(res["2 (eval 2)"]["out"], res["exact"]["out"])
 
 
-def _keep_worker(rank, world, out_dir):
+def _keep_worker(rank, world, out_dir, sparse):
     data = graph()
     s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)
+    whole = with_sparse_adjacency(graph()) if sparse else data
+    edges = s.sparse_adjacency() if sparse else s.edge_index  # sparse: halo rows aggregated by column blocks
 
     def one_layer():
         torch.manual_seed(0)
         return GraphSAGE(data.num_features, 16, 1, 4)
 
-    ref = one_layer()(data.x, data.edge_index)[s.node_ids].detach()
+    ref = one_layer()(whole.x, whole.adj_t if sparse else whole.edge_index)[s.node_ids].detach()
     fresh, with_grad = s.x.clone(), s.x.clone().requires_grad_()
     calls = {}
 
     def call(name, model, x):
         stats = xd.exchange_stats(model)
         stats.reset()
-        out = model(x, s.edge_index)
+        out = model(x, edges)
         if x.requires_grad:
             out.sum().backward()
         calls[name] = dict(sent=stats.bytes_sent, fp32=stats.fp32_bytes, kept=stats.kept,
@@ -414,8 +416,9 @@ def _keep_worker(rank, world, out_dir):
     torch.save(calls, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_unchanged_inputs_have_their_halo_rows_fetched_once_exactly(tmp_path):
-    xd.spawn(_keep_worker, 2, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
+@pytest.mark.parametrize("sparse", [False, True], ids=["edge_index", "sparse"])
+def test_unchanged_inputs_have_their_halo_rows_fetched_once_exactly(tmp_path, sparse):
+    xd.spawn(_keep_worker, 2, args=(str(tmp_path), sparse), timeout=TIMEOUT, pg_timeout=60)
     for r in range(2):
         calls = torch.load(tmp_path / f"rank{r}.pt")
         quantized = ["x 0", "fresh 0", "fresh 1", "grad 0", "grad 1", "inference 0", "inference 1", "not kept 0",
@@ -472,6 +475,93 @@ def test_sparse_adjacency_equals_single_process(tmp_path):
         g = flat_grads(ref)
         for overlap in (False, True):
             assert float((got[name, overlap] - g).norm() / g.norm()) <= 1e-5, (name, overlap)
+
+
+class _OwnAggregation(SAGEConv):
+    """Aggregates as SAGEConv does, through a message_and_aggregate of its own: exactq.distributed then
+    gives it owned + halo rows in one tensor (the path the column blocks replace)."""
+
+    def message_and_aggregate(self, adj_t, x):
+        return super().message_and_aggregate(adj_t, x)
+
+
+class _OwnGIN(GINConv):
+    def message_and_aggregate(self, adj_t, x):
+        return super().message_and_aggregate(adj_t, x)
+
+
+class _OwnGraphConv(GraphConv):
+    def message_and_aggregate(self, edge_index, x, edge_weight):
+        return super().message_and_aggregate(edge_index, x, edge_weight)
+
+
+BLOCK_LAYERS = {  # name -> (layer by column blocks, the same layer on owned + halo rows)
+    "SAGEConv(mean)": (lambda i, o: SAGEConv(i, o), lambda i, o: _OwnAggregation(i, o)),
+    "GINConv(sum)": (lambda i, o: GINConv(_mlp(i, o)), lambda i, o: _OwnGIN(_mlp(i, o))),
+    "GraphConv(mean)": (lambda i, o: GraphConv(i, o, aggr="mean"), lambda i, o: _OwnGraphConv(i, o, aggr="mean")),
+}
+
+
+class _RowCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest row count of any floating-point tensor an op returns with memory of its own size (not
+    a broadcast view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.layout == torch.strided and o.is_floating_point() and \
+                    o.dim() == 2 and o.untyped_storage().nbytes() >= o.numel() * o.element_size():
+                self.rows = max(self.rows, o.shape[0])
+        return out
+
+
+def _blocks_worker(rank, world, out_dir):
+    data = sweep_graph()
+    s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)
+    adj, total, result = s.sparse_adjacency(), s.global_counts["train_mask"], {}
+    for name, makes in BLOCK_LAYERS.items():
+        for bits, overlap, own in itertools.product((None, 2), (False, True), (False, True)):
+            torch.manual_seed(0)
+            model = xd.wrap(_TwoLayers(makes[own], None, data.num_features, 16), s, message_bits=bits,
+                            overlap=overlap, keep_inputs=False)
+            torch.manual_seed(1)  # the same rounding seeds for both paths
+            with _RowCounter() as counter:
+                loss, grad = loss_and_grad(model, (s.x, adj), s.y, s.train_mask, total)
+            # Under a compression session (features wide enough to be compressed, not "small"): what the
+            # aggregation makes counts as an activation, not as an input referenced as it is.
+            wide = s.x.repeat(1, 8)
+            torch.manual_seed(0)
+            model = xd.wrap(_TwoLayers(makes[own], None, wide.shape[1], 16), s, message_bits=bits, overlap=overlap,
+                            keep_inputs=False)
+            with exactq.compress(bits=2) as session:
+                model(wide, adj)
+            result[name, bits, overlap, own] = (loss, grad, counter.rows, session.report().external_bytes)
+    torch.save((result, s.num_local, s.num_halo), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_sum_and_mean_layers_aggregate_halo_rows_by_column_blocks(tmp_path):
+    """SAGEConv, GINConv and GraphConv on a CSR adjacency never make the (num_local + num_halo)-row input
+    (nor its gradient): their halo rows are multiplied in one peer at a time. Loss and gradients equal
+    those of the same layer given owned + halo rows in one tensor, with exact and with 2-bit messages
+    (the same rounding), overlap on and off, on 3 ranks; in a compression session the aggregation's
+    output is an activation (stored compressed), not an input referenced as it is."""
+    xd.spawn(_blocks_worker, 3, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
+    for r in range(3):
+        result, num_local, num_halo = torch.load(tmp_path / f"rank{r}.pt")
+        for (name, bits, overlap, own), (loss, grad, rows, external) in result.items():
+            where = (r, name, bits, overlap)
+            if own:
+                assert rows == num_local + num_halo, where  # the counter sees the owned + halo input
+                continue
+            assert rows < num_local + num_halo, (where, rows)
+            ref_loss, ref_grad, _, ref_external = result[name, bits, overlap, True]
+            assert external <= ref_external, (where, external, ref_external)
+            assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), where
+            assert float((grad - ref_grad).norm()) <= 1e-5 * float(ref_grad.norm()), where
 
 
 def _float64_worker(rank, world, out_dir):

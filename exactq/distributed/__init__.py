@@ -8,8 +8,9 @@ quantized halo exchange (AdaQP).
 
 Layers, bottom up: :mod:`.partition` (METIS / random) -> :mod:`.shard` (a rank's nodes, edges and
 exchange plan) -> :mod:`.exchange` (messages packed by exactq's quantizer, the halo autograd function)
--> :mod:`.model` (wrap: layers, batch norm, gradient sum) and :mod:`.adaptive` (bits per link) ->
-:mod:`.launch` (local processes) and :mod:`.train` (the training entry point for torchrun).
+and :mod:`.aggregate` (sum / mean over owned and per-peer halo column blocks) -> :mod:`.model` (wrap:
+layers, batch norm, gradient sum) and :mod:`.adaptive` (bits per link) -> :mod:`.launch` (local
+processes) and :mod:`.train` (the training entry point for torchrun).
 """
 from .exchange import MESSAGE_BITS, ExchangeStats, message_nbytes
 from .launch import spawn

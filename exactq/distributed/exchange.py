@@ -153,6 +153,12 @@ class Exchanger:
             return self._exchange(lambda q: x.detach()[index[off[q]:off[q + 1]]], x.shape[1], x.dtype,
                                   self.plan.send_counts, self.plan.recv_counts, recv_bits, send_bits, async_op)
 
+    def peer_rows(self, pending: _Pending):
+        """Waits for a started exchange; yields (peer, its halo rows) decoded one peer at a time, so that
+        no more than one peer's float rows exist at once (exact rows are views of the received bytes)."""
+        for q, buf, c, b in self._received(pending, self.plan.recv_counts):
+            yield q, decode(buf, c, pending.width, b, pending.dtype)
+
     def finish(self, pending: _Pending, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The halo rows (in local halo order) of a started exchange, decoded into ``out`` (contiguous, one
         row per halo row) where given."""
@@ -164,18 +170,23 @@ class Exchanger:
             decode(buf, c, pending.width, b, pending.dtype, out[o:o + c])
         return out
 
-    def reverse_into(self, grad_halo: torch.Tensor, grad_x: torch.Tensor, send_bits, recv_bits) -> None:
+    def reverse_into(self, grad_rows, width: int, grad_x: torch.Tensor, send_bits, recv_bits) -> None:
         """Backward: sends halo-row gradients to their owners, and adds the gradients this rank's sent rows
-        received into ``grad_x`` (owned rows), one peer's message at a time."""
-        roff, soff, index = self._recv_offsets, self._send_offsets, self.plan.send_index
+        received into ``grad_x`` (owned rows), one peer's message at a time. ``grad_rows(q)``: the
+        gradients of the halo rows that came from peer q, (recv_counts[q], width), made when needed."""
+        soff, index = self._send_offsets, self.plan.send_index
         with torch.no_grad():
             # Directions swap: what came from q goes back to q at the bits q used for it.
-            pending = self._exchange(lambda q: grad_halo[roff[q]:roff[q + 1]], grad_halo.shape[1], grad_halo.dtype,
-                                     self.plan.recv_counts, self.plan.send_counts, send_bits, recv_bits,
-                                     async_op=False)
+            pending = self._exchange(grad_rows, width, grad_x.dtype, self.plan.recv_counts, self.plan.send_counts,
+                                     send_bits, recv_bits, async_op=False)
             for q, buf, c, b in self._received(pending, self.plan.send_counts):
                 if c:
                     grad_x.index_add_(0, index[soff[q]:soff[q] + c], decode(buf, c, pending.width, b, pending.dtype))
+
+    def per_peer(self, halo: torch.Tensor):
+        """``q -> `` the rows of peer q in a tensor of one row per halo row (halo rows, or their gradients)."""
+        off = self._recv_offsets
+        return lambda q: halo[off[q]:off[q + 1]]
 
 
 class HaloExchange(torch.autograd.Function):
@@ -196,7 +207,7 @@ class HaloExchange(torch.autograd.Function):
         ex = ctx.exchanger
         n = ex.num_local
         grad_x = grad[:n].clone()
-        ex.reverse_into(grad[n:], grad_x, *ctx.bits)
+        ex.reverse_into(ex.per_peer(grad[n:]), grad.shape[1], grad_x, *ctx.bits)
         return grad_x, None, None, None, None
 
 

@@ -26,6 +26,7 @@ from torch_geometric.nn import aggr as pyg_aggr
 from torch_geometric.nn import norm as pyg_norm
 from torch_geometric.nn.aggr.fused import FusedAggregation  # MultiAggregation's fused basic reductions
 
+from .aggregate import ColumnBlocks, HaloAggregate, column_blocks
 from .exchange import ExchangeStats, Exchanger, check_message_bits, exchange_halo
 from .shard import GraphShard
 
@@ -59,6 +60,12 @@ SUPPORTED_AGGREGATIONS = (
     pyg_aggr.DegreeScalerAggregation, pyg_aggr.MultiAggregation, FusedAggregation)
 # Layers that aggregate a torch.sparse adjacency by sparse matmul (message_and_aggregate).
 _SPARSE_LAYERS = (GCNConv, SAGEConv, GraphConv, GINConv)
+# Layers whose fused aggregation is a sum or mean of raw source rows by sparse matmul: on a CSR
+# adjacency they read the halo rows one peer at a time (:mod:`.aggregate`), never owned + halo rows.
+_BLOCK_LAYERS = (SAGEConv, GraphConv, GINConv)
+_BLOCK_AGGRS = ("add", "sum", "mean")
+_MP_HOOKS = ("_propagate_forward_pre_hooks", "_propagate_forward_hooks", "_message_and_aggregate_forward_pre_hooks",
+             "_message_and_aggregate_forward_hooks")
 _EDGE_ARGS = ("edge_weight", "edge_attr", "edge_type")  # the supported layers' per-edge arguments
 _ATTR = "_exactq_distributed"
 _CACHE = 8
@@ -109,6 +116,7 @@ class DistributedState:
         self._sparse: List[Tuple[tuple, object]] = []
         self._csrs: List[Tuple[tuple, object]] = []
         self._rows: List[Tuple[tuple, object]] = []
+        self._blocks: List[Tuple[tuple, object]] = []
         self.hooks: list = []
 
     # -- bits -------------------------------------------------------------------------------------
@@ -154,7 +162,8 @@ class DistributedState:
         return None, agreed == 2
 
     def keep_halo(self, layer: int, halo: torch.Tensor) -> None:
-        self._inputs[layer].halo = halo.clone()  # not a view: the owned rows beside it are freed
+        # Not a view of owned + halo rows: the owned rows beside it are freed.
+        self._inputs[layer].halo = halo.clone() if halo._is_view() else halo
 
     # -- graph checks and splits, cached per edge_index object ---------------------------------------
     @staticmethod
@@ -231,6 +240,11 @@ class DistributedState:
             return central, marginal
         return self._cached(self._rows, (adj,), make)
 
+    def column_blocks(self, adj: torch.Tensor, mean: bool) -> ColumnBlocks:
+        """A CSR adjacency (or its marginal rows) cut into owned and per-peer halo columns."""
+        return self._cached(self._blocks, (adj, mean),
+                            lambda: column_blocks(adj, self.shard.num_local, self.shard.plan.recv_counts, mean))
+
     def edges_of(self, adj: torch.Tensor, layer: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """The local edge list (sources, targets) and values of a sparse adjacency (rows = targets)."""
         self.check_adjacency(adj, layer)
@@ -306,6 +320,50 @@ class _DistributedLayer:
         # A batch norm inside the layer must see all its rows in one call: no central/marginal split.
         self.overlap = state.overlap and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                                                  for m in conv.modules())
+        # Aggregates by column blocks where the class's own fused aggregation is what runs (a subclass that
+        # changes it aggregates its own way, on owned + halo rows).
+        base = next((c for c in _BLOCK_LAYERS if isinstance(conv, c)), None)
+        self.block_layer = base is not None and not self.compact and \
+            type(conv).message_and_aggregate is base.message_and_aggregate
+
+    def _by_blocks(self, conv: MessagePassing) -> bool:
+        """Whether this call's aggregation is PyG's fused sum / mean, run as nothing else sees it (no
+        explainer, no propagate or aggregation hooks)."""
+        return self.block_layer and conv.fuse and not conv.explain and conv.aggr in _BLOCK_AGGRS and \
+            not any(getattr(conv, h) for h in _MP_HOOKS)
+
+    def _halo_source(self, kept: Optional[torch.Tensor], pending, keep: bool, send_bits, recv_bits):
+        """(peer_rows, reverse) of :class:`~.aggregate.HaloAggregate`: kept halo rows (nothing to send
+        back: the input has no gradient), or those of a started exchange, fetched whole when kept."""
+        ex = self.state.exchanger
+        if keep:
+            kept = ex.finish(pending)
+            self.state.keep_halo(self.index, kept)
+        if kept is not None:
+            rows = ex.per_peer(kept)
+            return (lambda: ((q, rows(q)) for q in range(self.state.shard.world_size))), None
+        return (lambda: ex.peer_rows(pending)), (ex, send_bits, recv_bits)
+
+    def _block_call(self, forward, conv, x, x_dst, adj, arguments, source) -> torch.Tensor:
+        """The layer's call with its fused aggregation replaced, for this call only, by
+        :class:`~.aggregate.HaloAggregate` over ``x`` (owned rows) and the halo rows of ``source``."""
+        peer_rows, reverse = source
+        blocks = self.state.column_blocks(adj, conv.aggr == "mean")
+        # Stands for the owned + halo rows the layer would read: never read (NaN everywhere if it were).
+        stand_in = x.new_full((), float("nan")).expand(adj.shape[1], x.shape[1])
+
+        def message_and_aggregate(edge_index, *args, **kwargs):  # x (the pair), and GraphConv's edge_weight
+            pair = args[0] if args else kwargs.get("x")
+            if edge_index is not adj or pair is None or pair[0] is not stand_in:
+                raise RuntimeError(f"{self.name}: the layer's aggregation was called with other inputs than the "
+                                   f"layer's (exactq.distributed aggregates its halo rows by column blocks)")
+            return HaloAggregate.apply(x, peer_rows, blocks, reverse)
+
+        conv.message_and_aggregate = message_and_aggregate
+        try:
+            return self._call(forward, conv, stand_in, x_dst, adj, arguments)
+        finally:
+            del conv.message_and_aggregate
 
     def _call(self, forward, conv, x_src, x_dst, edge_index, arguments) -> torch.Tensor:
         out = forward(conv, (x_src, x_dst) if self.bipartite else x_src, edge_index, **arguments)
@@ -368,6 +426,11 @@ class _DistributedLayer:
         nc, nl, nh = shard.num_central, shard.num_local, shard.num_halo
         graph = (lambda ei, n_dst, n_src, at=None: state.csr(ei, weights, n_dst, n_src, at)) if sparse else \
             (lambda ei, n_dst, n_src, at=None: ei)
+        blocks = as_is and self._by_blocks(conv)
+        if blocks and (kept is not None or not self.overlap):
+            pending = None if kept is not None else state.exchanger.start(x, send_bits, recv_bits, async_op=False)
+            return self._block_call(forward, conv, x, x, edge_index, arguments,
+                                    self._halo_source(kept, pending, keep, send_bits, recv_bits))
         if kept is not None or not self.overlap:  # nothing to overlap when the halo rows are here already
             x_full = torch.cat([x, kept]) if kept is not None else \
                 exchange_halo(x, state.exchanger, send_bits, recv_bits)
@@ -390,6 +453,9 @@ class _DistributedLayer:
         # One split, not two slices: its backward writes both parts' gradients into one tensor.
         x_central, x_marginal = torch.split(x, [nc, nl - nc])
         out_c = self._call(forward, conv, x if c_nodes is None else x[c_nodes], x_central, c_graph, c_args)
+        if blocks:
+            return torch.cat([out_c, self._block_call(forward, conv, x, x_marginal, m_graph, m_args,
+                                                      self._halo_source(None, pending, keep, send_bits, recv_bits))])
         x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits, pending)
         self._arrived(x_full[nl:], edge_index, observe, keep)
         out_m = self._call(forward, conv, x_full if m_nodes is None else x_full[m_nodes], x_marginal, m_graph, m_args)
