@@ -540,7 +540,24 @@ def _blocks_worker(rank, world, out_dir):
             with exactq.compress(bits=2) as session:
                 model(wide, adj)
             result[name, bits, overlap, own] = (loss, grad, counter.rows, session.report().external_bytes)
-    torch.save((result, s.num_local, s.num_halo), os.path.join(out_dir, f"rank{rank}.pt"))
+    # The blocks copy the adjacency's arrays: values changed in place are seen at the next call, and
+    # values that require grad (which the copies would not pass on) keep the owned + halo input.
+    torch.manual_seed(0)
+    model = xd.wrap(_TwoLayers(BLOCK_LAYERS["GraphConv(mean)"][0], None, data.num_features, 16), s, message_bits=None)
+    changed = s.sparse_adjacency()
+    before = model(s.x, changed).detach()
+    with torch.no_grad():
+        changed.values().mul_(2.0)
+    after = model(s.x, changed).detach()
+    fresh = s.sparse_adjacency()
+    fresh = torch.sparse_csr_tensor(fresh.crow_indices(), fresh.col_indices(), 2.0 * fresh.values(), fresh.shape)
+    values = adj.values().clone().requires_grad_()
+    learnable = torch.sparse_csr_tensor(adj.crow_indices(), adj.col_indices(), values, adj.shape)
+    with _RowCounter() as counter:
+        model(s.x, learnable).sum().backward()
+    changes = dict(before=before, after=after, fresh=model(s.x, fresh).detach(), rows=counter.rows,
+                   values_grad=values.grad)
+    torch.save((result, changes, s.num_local, s.num_halo), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_sum_and_mean_layers_aggregate_halo_rows_by_column_blocks(tmp_path):
@@ -548,10 +565,15 @@ def test_sum_and_mean_layers_aggregate_halo_rows_by_column_blocks(tmp_path):
     (nor its gradient): their halo rows are multiplied in one peer at a time. Loss and gradients equal
     those of the same layer given owned + halo rows in one tensor, with exact and with 2-bit messages
     (the same rounding), overlap on and off, on 3 ranks; in a compression session the aggregation's
-    output is an activation (stored compressed), not an input referenced as it is."""
+    output is an activation (stored compressed), not an input referenced as it is. An adjacency changed
+    in place is read anew; one whose values require grad gets their gradient (through owned + halo rows)."""
     xd.spawn(_blocks_worker, 3, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
     for r in range(3):
-        result, num_local, num_halo = torch.load(tmp_path / f"rank{r}.pt")
+        result, changes, num_local, num_halo = torch.load(tmp_path / f"rank{r}.pt")
+        assert float((changes["after"] - changes["fresh"]).abs().max()) <= 1e-5, r  # in-place change seen
+        assert float((changes["after"] - changes["before"]).abs().max()) > 1e-3, r
+        assert changes["rows"] == num_local + num_halo and changes["values_grad"] is not None, r
+        assert float(changes["values_grad"].abs().sum()) > 0, r
         for (name, bits, overlap, own), (loss, grad, rows, external) in result.items():
             where = (r, name, bits, overlap)
             if own:

@@ -240,10 +240,17 @@ class DistributedState:
             return central, marginal
         return self._cached(self._rows, (adj,), make)
 
-    def column_blocks(self, adj: torch.Tensor, mean: bool) -> ColumnBlocks:
-        """A CSR adjacency (or its marginal rows) cut into owned and per-peer halo columns."""
-        return self._cached(self._blocks, (adj, mean),
-                            lambda: column_blocks(adj, self.shard.num_local, self.shard.plan.recv_counts, mean))
+    def column_blocks(self, adj: torch.Tensor, mean: bool, source: torch.Tensor) -> ColumnBlocks:
+        """A CSR adjacency (or its marginal rows) cut into owned and per-peer halo columns; made anew when
+        ``source`` (the adjacency the layer was given) has been modified in place since: the blocks are
+        copies of its arrays."""
+        version = tuple(t._version for t in (source.crow_indices(), source.col_indices(), source.values()))
+        make = lambda: (version, column_blocks(adj, self.shard.num_local, self.shard.plan.recv_counts, mean))  # noqa: E731
+        made, blocks = self._cached(self._blocks, (adj, mean), make)
+        if made != version:
+            self._blocks = [(k, v) for k, v in self._blocks if k[0] is not adj]  # stale, either aggregation
+            made, blocks = self._cached(self._blocks, (adj, mean), make)
+        return blocks
 
     def edges_of(self, adj: torch.Tensor, layer: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """The local edge list (sources, targets) and values of a sparse adjacency (rows = targets)."""
@@ -344,11 +351,12 @@ class _DistributedLayer:
             return (lambda: ((q, rows(q)) for q in range(self.state.shard.world_size))), None
         return (lambda: ex.peer_rows(pending)), (ex, send_bits, recv_bits)
 
-    def _block_call(self, forward, conv, x, x_dst, adj, arguments, source) -> torch.Tensor:
+    def _block_call(self, forward, conv, x, x_dst, adj, arguments, source, given) -> torch.Tensor:
         """The layer's call with its fused aggregation replaced, for this call only, by
-        :class:`~.aggregate.HaloAggregate` over ``x`` (owned rows) and the halo rows of ``source``."""
+        :class:`~.aggregate.HaloAggregate` over ``x`` (owned rows) and the halo rows of ``source``, for
+        ``adj`` (the adjacency ``given`` to the layer, or its marginal rows)."""
         peer_rows, reverse = source
-        blocks = self.state.column_blocks(adj, conv.aggr == "mean")
+        blocks = self.state.column_blocks(adj, conv.aggr == "mean", given)
         # Stands for the owned + halo rows the layer would read: never read (NaN everywhere if it were).
         stand_in = x.new_full((), float("nan")).expand(adj.shape[1], x.shape[1])
 
@@ -426,11 +434,12 @@ class _DistributedLayer:
         nc, nl, nh = shard.num_central, shard.num_local, shard.num_halo
         graph = (lambda ei, n_dst, n_src, at=None: state.csr(ei, weights, n_dst, n_src, at)) if sparse else \
             (lambda ei, n_dst, n_src, at=None: ei)
-        blocks = as_is and self._by_blocks(conv)
+        # Not for an adjacency whose values require grad: the blocks are copies, outside autograd.
+        blocks = as_is and not edge_index.requires_grad and self._by_blocks(conv)
         if blocks and (kept is not None or not self.overlap):
             pending = None if kept is not None else state.exchanger.start(x, send_bits, recv_bits, async_op=False)
             return self._block_call(forward, conv, x, x, edge_index, arguments,
-                                    self._halo_source(kept, pending, keep, send_bits, recv_bits))
+                                    self._halo_source(kept, pending, keep, send_bits, recv_bits), edge_index)
         if kept is not None or not self.overlap:  # nothing to overlap when the halo rows are here already
             x_full = torch.cat([x, kept]) if kept is not None else \
                 exchange_halo(x, state.exchanger, send_bits, recv_bits)
@@ -455,7 +464,8 @@ class _DistributedLayer:
         out_c = self._call(forward, conv, x if c_nodes is None else x[c_nodes], x_central, c_graph, c_args)
         if blocks:
             return torch.cat([out_c, self._block_call(forward, conv, x, x_marginal, m_graph, m_args,
-                                                      self._halo_source(None, pending, keep, send_bits, recv_bits))])
+                                                      self._halo_source(None, pending, keep, send_bits, recv_bits),
+                                                      edge_index)])
         x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits, pending)
         self._arrived(x_full[nl:], edge_index, observe, keep)
         out_m = self._call(forward, conv, x_full if m_nodes is None else x_full[m_nodes], x_marginal, m_graph, m_args)
