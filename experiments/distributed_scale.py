@@ -180,21 +180,29 @@ def _figure(rows, path):
 
 # -- memory -------------------------------------------------------------------------------------------
 
-def _train(model, x, graph, y, mask, total: int, epochs: int) -> list:
-    """Epoch times of full-batch training with exactq INT2 activations (loss: this process's share)."""
+def _train(model, x, graph, y, mask, total: int, epochs: int, tracker=None) -> list:
+    """Epoch times of full-batch training with exactq INT2 activations (loss: this process's share);
+    the last epoch runs under ``tracker`` (a :class:`_PeakTensors`) where given."""
     opt = torch.optim.Adam(model.parameters(), lr=0.003)
     times = []
-    for _ in range(epochs):
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with exactq.compress(bits=2):
-            out = model(x, graph)
-        loss = F.cross_entropy(out[mask], y[mask], reduction="sum") / total
-        del out
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
+    for epoch in range(epochs):
+        track = tracker if epoch == epochs - 1 else None
+        with track if track is not None else contextlib.nullcontext():
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            if track is not None:
+                track.phase = "forward"
+            with exactq.compress(bits=2):
+                out = model(x, graph)
+            loss = F.cross_entropy(out[mask], y[mask], reduction="sum") / total
+            del out
+            if track is not None:
+                track.phase = "backward"
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t)
     return times
+
 
 class _OwnedPlusHalo(SAGEConv):
     """SAGEConv aggregating through a ``message_and_aggregate`` of its own: exactq.distributed then gives
@@ -262,21 +270,9 @@ class _PeakTensors(TorchDispatchMode):
 
 
 def _peak_epoch(model, x, graph, y, mask, total: int) -> dict:
-    """Tensor peak of the second of two training epochs (exactq INT2 activations)."""
-    opt = torch.optim.Adam(model.parameters(), lr=0.003)
-    for epoch in range(2):
-        with _PeakTensors() if epoch else contextlib.nullcontext() as tracker:
-            opt.zero_grad(set_to_none=True)
-            if tracker:
-                tracker.phase = "forward"
-            with exactq.compress(bits=2):
-                out = model(x, graph)
-            loss = F.cross_entropy(out[mask], y[mask], reduction="sum") / total
-            del out
-            if tracker:
-                tracker.phase = "backward"
-            loss.backward()
-            opt.step()
+    """Tensor peak of the second of two training epochs (caches built in the first are not counted)."""
+    tracker = _PeakTensors()
+    _train(model, x, graph, y, mask, total, 2, tracker)
     return {"peak MB": tracker.peak / 2**20, "at": tracker.at,
             "largest tensors alive then (MB)": "; ".join(f"{what} {n / 2**20:.1f}" for n, what in tracker.largest)}
 
