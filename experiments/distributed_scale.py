@@ -231,14 +231,34 @@ def _write_partition(d: str, scale: float, locality: float, world: int) -> str:
     return parts_dir
 
 
-def _rank_memory(rank, world, parts_dir, epochs, out_dir, blocks):
+_PATHS = {True: "column blocks", False: "owned + halo input"}
+
+
+def _rank_worker(rank, world, parts_dir, out_dir, blocks, epochs, peak):
+    """One rank's training on its shard: peak RSS and epoch times, or (``peak``) its tensor peak."""
     shard = xd.load_shard(parts_dir, rank)
-    adj = shard.sparse_adjacency()
-    model = _rank_model(shard, blocks)
-    times = _train(model, shard.x, adj, shard.y, shard.train_mask, shard.global_counts["train_mask"], epochs)
+    run = (_rank_model(shard, blocks), shard.x, shard.sparse_adjacency(), shard.y, shard.train_mask,
+           shard.global_counts["train_mask"])
+    if peak:
+        result = _peak_epoch(*run)
+    else:
+        times = _train(*run, epochs)
+        result = {"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times, "num_local": shard.num_local,
+                  "num_halo": shard.num_halo}
     with open(os.path.join(out_dir, f"rank{rank}_{blocks}.json"), "w") as f:
-        json.dump({"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times, "num_local": shard.num_local,
-                   "num_halo": shard.num_halo}, f)
+        json.dump(result, f)
+
+
+def _ranks_both_ways(scale: float, locality: float, world: int, epochs: int = 2, peak: bool = False):
+    """Yields (aggregation path, rank, its :func:`_rank_worker` result) for ``world`` ranks on one
+    partition, SAGE by column blocks, then given owned + halo rows."""
+    with tempfile.TemporaryDirectory() as d:
+        parts_dir = _write_partition(d, scale, locality, world)
+        for blocks in (True, False):
+            xd.spawn(_rank_worker, world, args=(parts_dir, d, blocks, epochs, peak), timeout=7200, pg_timeout=1800)
+            for r in range(world):
+                with open(os.path.join(d, f"rank{r}_{blocks}.json")) as f:
+                    yield _PATHS[blocks], r, json.load(f)
 
 
 class _PeakTensors(TorchDispatchMode):
@@ -277,15 +297,6 @@ def _peak_epoch(model, x, graph, y, mask, total: int) -> dict:
             "largest tensors alive then (MB)": "; ".join(f"{what} {n / 2**20:.1f}" for n, what in tracker.largest)}
 
 
-def _rank_peak(rank, world, parts_dir, out_dir, blocks):
-    shard = xd.load_shard(parts_dir, rank)
-    model = _rank_model(shard, blocks)
-    result = _peak_epoch(model, shard.x, shard.sparse_adjacency(), shard.y, shard.train_mask,
-                         shard.global_counts["train_mask"])
-    with open(os.path.join(out_dir, f"peak{rank}_{blocks}.json"), "w") as f:
-        json.dump(result, f)
-
-
 def peak(scale: float, locality: float, world: int = 4):
     from exactq.data import with_sparse_adjacency
 
@@ -294,15 +305,8 @@ def peak(scale: float, locality: float, world: int = 4):
     single = _peak_epoch(build_model("sage", data.num_features, 256, 47, 3), data.x, data.adj_t, data.y,
                          data.train_mask, int(data.train_mask.sum()))
     rows = [{"process": "one process", **single, "x of one process": 1.0}]
-    with tempfile.TemporaryDirectory() as d:
-        parts_dir = _write_partition(d, scale, locality, world)
-        for blocks in (True, False):
-            xd.spawn(_rank_peak, world, args=(parts_dir, d, blocks), timeout=3600, pg_timeout=1800)
-            for r in range(world):
-                with open(os.path.join(d, f"peak{r}_{blocks}.json")) as f:
-                    m = json.load(f)
-                rows.append({"process": f"rank {r} of {world}, " + ("column blocks" if blocks else "owned + halo input"),
-                             **m, "x of one process": m["peak MB"] / single["peak MB"]})
+    for path, r, m in _ranks_both_ways(scale, locality, world, peak=True):
+        rows.append({"process": f"rank {r} of {world}, {path}", **m, "x of one process": m["peak MB"] / single["peak MB"]})
     for r in rows:
         print(r, flush=True)
     return rows
@@ -330,19 +334,12 @@ def memory(scale: float, epochs: int, locality: float, world: int = 4):
                  "halo nodes": 0, "peak RSS GB": single["peak_rss_gb"], "x of one process": 1.0,
                  "median epoch s": statistics.median(single["epoch_s"])})
     print(rows[-1], single.get("error", ""), flush=True)
-    with tempfile.TemporaryDirectory() as d:
-        parts_dir = _write_partition(d, scale, locality, world)
-        for blocks in (True, False):
-            xd.spawn(_rank_memory, world, args=(parts_dir, epochs, d, blocks), timeout=7200, pg_timeout=1800)
-            for r in range(world):
-                with open(os.path.join(d, f"rank{r}_{blocks}.json")) as f:
-                    m = json.load(f)
-                rows.append({"processes": world, "halo rows": "column blocks" if blocks else "owned + halo input",
-                             "rank": r, "owned nodes": m["num_local"], "halo nodes": m["num_halo"],
-                             "peak RSS GB": m["peak_rss_gb"],
-                             "x of one process": m["peak_rss_gb"] / single["peak_rss_gb"],
-                             "median epoch s": statistics.median(m["epoch_s"])})
-                print(rows[-1], flush=True)
+    for path, r, m in _ranks_both_ways(scale, locality, world, epochs):
+        rows.append({"processes": world, "halo rows": path, "rank": r, "owned nodes": m["num_local"],
+                     "halo nodes": m["num_halo"], "peak RSS GB": m["peak_rss_gb"],
+                     "x of one process": m["peak_rss_gb"] / single["peak_rss_gb"],
+                     "median epoch s": statistics.median(m["epoch_s"])})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -365,6 +362,7 @@ def main(argv=None):
     apply_threads(args)
     scale = 0.01 if args.quick else args.scale
     suffix = "_quick" if args.quick else ""
+    stem = lambda name: f"{name}{suffix}" + ("" if args.locality == 0.9 else f"_locality{args.locality}")  # noqa: E731
     if "projection" in args.sections:
         with Timer() as timer:
             rows = projection(scale, (2, 4) if args.quick else (4, 8, 16))
@@ -378,8 +376,7 @@ def main(argv=None):
         with Timer() as timer:
             mscale = scale if args.quick else args.memory_scale
             rows = memory(mscale, 1 if args.quick else args.epochs, args.locality)
-        stem = f"distributed_memory{suffix}" + ("" if args.locality == 0.9 else f"_locality{args.locality}")
-        print(write_results(args.out, stem, rows,
+        print(write_results(args.out, stem("distributed_memory"), rows,
                             f"Peak resident memory per process, ogbn-products-shaped graph (scale {mscale}, "
                             f"{args.locality:.0%} of edges within communities), GraphSAGE 3 x 256, exactq INT2 "
                             "activations, 2-bit messages; one process vs 4 ranks on this machine.",
@@ -388,8 +385,7 @@ def main(argv=None):
         with Timer() as timer:
             pscale = scale if args.quick else args.peak_scale
             rows = peak(pscale, args.locality)
-        stem = f"distributed_peak{suffix}" + ("" if args.locality == 0.9 else f"_locality{args.locality}")
-        print(write_results(args.out, stem, rows,
+        print(write_results(args.out, stem("distributed_peak"), rows,
                             f"Live tensor bytes of a training epoch, op by op (its second epoch), ogbn-products-shaped "
                             f"graph (scale {pscale}, {args.locality:.0%} of edges within communities), GraphSAGE 3 x "
                             "256, exactq INT2 activations, 2-bit messages: one process vs each rank of 4.",
