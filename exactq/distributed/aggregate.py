@@ -66,9 +66,10 @@ def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class HaloAggregate(torch.autograd.Function):
     """``A @ cat([x, halo])`` for ``A`` cut into :class:`ColumnBlocks`, the halo rows coming one peer at a
-    time from ``peer_rows``. Backward returns ``x``'s gradient; when ``reverse`` is given,
-    ``(exchanger, send_bits, recv_bits)``, it also sends each peer its halo rows' gradients and adds those
-    this rank's sent rows receive (the halo exchange's backward)."""
+    time from ``peer_rows`` (which waits for them, if they are still travelling, after the owned block's
+    product: overlap). Backward returns ``x``'s gradient; when ``reverse`` is given, ``(exchanger,
+    send_bits, recv_bits)``, it also sends each peer its halo rows' gradients and, once the owned block's
+    product is made, adds those this rank's sent rows receive (the halo exchange's backward)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, peer_rows: PeerRows, blocks: ColumnBlocks,  # type: ignore[override]
@@ -87,7 +88,7 @@ class HaloAggregate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         owned_t, peers_t = ctx.blocks.transposed()
-        grad_x = _product(owned_t, grad)
+        pending = None
         if ctx.reverse is not None:
             exchanger, send_bits, recv_bits = ctx.reverse
             width = grad.shape[1]
@@ -95,5 +96,8 @@ class HaloAggregate(torch.autograd.Function):
             def grad_rows(q: int) -> torch.Tensor:
                 return grad.new_empty((0, width)) if peers_t[q] is None else _product(peers_t[q], grad)
 
-            exchanger.reverse_into(grad_rows, width, grad_x, send_bits, recv_bits)
+            pending = exchanger.start_reverse(grad_rows, width, grad.dtype, send_bits, recv_bits)
+        grad_x = _product(owned_t, grad)  # while the halo gradients travel
+        if pending is not None:
+            exchanger.add_reversed(pending, grad_x)
         return grad_x, None, None, None

@@ -170,18 +170,28 @@ class Exchanger:
             decode(buf, c, pending.width, b, pending.dtype, out[o:o + c])
         return out
 
-    def reverse_into(self, grad_rows, width: int, grad_x: torch.Tensor, send_bits, recv_bits) -> None:
-        """Backward: sends halo-row gradients to their owners, and adds the gradients this rank's sent rows
-        received into ``grad_x`` (owned rows), one peer's message at a time. ``grad_rows(q)``: the
-        gradients of the halo rows that came from peer q, (recv_counts[q], width), made when needed."""
-        soff, index = self._send_offsets, self.plan.send_index
+    def start_reverse(self, grad_rows, width: int, dtype, send_bits, recv_bits, async_op: bool = True) -> _Pending:
+        """Backward: starts sending halo-row gradients back to their owners. ``grad_rows(q)``: the
+        gradients of the halo rows that came from peer q, (recv_counts[q], width), made when needed (one
+        peer's at a time)."""
         with torch.no_grad():
             # Directions swap: what came from q goes back to q at the bits q used for it.
-            pending = self._exchange(grad_rows, width, grad_x.dtype, self.plan.recv_counts, self.plan.send_counts,
-                                     send_bits, recv_bits, async_op=False)
+            return self._exchange(grad_rows, width, dtype, self.plan.recv_counts, self.plan.send_counts,
+                                  send_bits, recv_bits, async_op)
+
+    def add_reversed(self, pending: _Pending, grad_x: torch.Tensor) -> None:
+        """Waits for a :meth:`start_reverse` exchange and adds the gradients this rank's sent rows received
+        into ``grad_x`` (owned rows), one peer's message at a time."""
+        soff, index = self._send_offsets, self.plan.send_index
+        with torch.no_grad():
             for q, buf, c, b in self._received(pending, self.plan.send_counts):
                 if c:
                     grad_x.index_add_(0, index[soff[q]:soff[q] + c], decode(buf, c, pending.width, b, pending.dtype))
+
+    def reverse_into(self, grad_rows, width: int, grad_x: torch.Tensor, send_bits, recv_bits) -> None:
+        """:meth:`start_reverse` then :meth:`add_reversed`, with nothing between them."""
+        self.add_reversed(self.start_reverse(grad_rows, width, grad_x.dtype, send_bits, recv_bits, async_op=False),
+                          grad_x)
 
     def per_peer(self, halo: torch.Tensor):
         """``q -> `` the rows of peer q in a tensor of one row per halo row (halo rows, or their gradients)."""

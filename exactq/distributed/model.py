@@ -240,11 +240,10 @@ class DistributedState:
             return central, marginal
         return self._cached(self._rows, (adj,), make)
 
-    def column_blocks(self, adj: torch.Tensor, mean: bool, source: torch.Tensor) -> ColumnBlocks:
-        """A CSR adjacency (or its marginal rows) cut into owned and per-peer halo columns; made anew when
-        ``source`` (the adjacency the layer was given) has been modified in place since: the blocks are
-        copies of its arrays."""
-        version = tuple(t._version for t in (source.crow_indices(), source.col_indices(), source.values()))
+    def column_blocks(self, adj: torch.Tensor, mean: bool) -> ColumnBlocks:
+        """A CSR adjacency cut into owned and per-peer halo columns; made anew when it has been modified in
+        place since: the blocks are copies of its arrays."""
+        version = tuple(t._version for t in (adj.crow_indices(), adj.col_indices(), adj.values()))
         make = lambda: (version, column_blocks(adj, self.shard.num_local, self.shard.plan.recv_counts, mean))  # noqa: E731
         made, blocks = self._cached(self._blocks, (adj, mean), make)
         if made != version:
@@ -351,12 +350,11 @@ class _DistributedLayer:
             return (lambda: ((q, rows(q)) for q in range(self.state.shard.world_size))), None
         return (lambda: ex.peer_rows(pending)), (ex, send_bits, recv_bits)
 
-    def _block_call(self, forward, conv, x, x_dst, adj, arguments, source, given) -> torch.Tensor:
+    def _block_call(self, forward, conv, x, adj, arguments, source) -> torch.Tensor:
         """The layer's call with its fused aggregation replaced, for this call only, by
-        :class:`~.aggregate.HaloAggregate` over ``x`` (owned rows) and the halo rows of ``source``, for
-        ``adj`` (the adjacency ``given`` to the layer, or its marginal rows)."""
+        :class:`~.aggregate.HaloAggregate` over ``x`` (owned rows) and the halo rows of ``source``."""
         peer_rows, reverse = source
-        blocks = self.state.column_blocks(adj, conv.aggr == "mean", given)
+        blocks = self.state.column_blocks(adj, conv.aggr == "mean")
         # Stands for the owned + halo rows the layer would read: never read (NaN everywhere if it were).
         stand_in = x.new_full((), float("nan")).expand(adj.shape[1], x.shape[1])
 
@@ -369,7 +367,7 @@ class _DistributedLayer:
 
         conv.message_and_aggregate = message_and_aggregate
         try:
-            return self._call(forward, conv, stand_in, x_dst, adj, arguments)
+            return self._call(forward, conv, stand_in, x, adj, arguments)
         finally:
             del conv.message_and_aggregate
 
@@ -436,10 +434,11 @@ class _DistributedLayer:
             (lambda ei, n_dst, n_src, at=None: ei)
         # Not for an adjacency whose values require grad: the blocks are copies, outside autograd.
         blocks = as_is and not edge_index.requires_grad and self._by_blocks(conv)
-        if blocks and (kept is not None or not self.overlap):
-            pending = None if kept is not None else state.exchanger.start(x, send_bits, recv_bits, async_op=False)
-            return self._block_call(forward, conv, x, x, edge_index, arguments,
-                                    self._halo_source(kept, pending, keep, send_bits, recv_bits), edge_index)
+        if blocks:  # one call for all rows; overlap: the owned columns' product while the halo rows travel
+            pending = None if kept is not None else \
+                state.exchanger.start(x, send_bits, recv_bits, async_op=state.overlap)
+            return self._block_call(forward, conv, x, edge_index, arguments,
+                                    self._halo_source(kept, pending, keep, send_bits, recv_bits))
         if kept is not None or not self.overlap:  # nothing to overlap when the halo rows are here already
             x_full = torch.cat([x, kept]) if kept is not None else \
                 exchange_halo(x, state.exchanger, send_bits, recv_bits)
@@ -462,10 +461,6 @@ class _DistributedLayer:
         # One split, not two slices: its backward writes both parts' gradients into one tensor.
         x_central, x_marginal = torch.split(x, [nc, nl - nc])
         out_c = self._call(forward, conv, x if c_nodes is None else x[c_nodes], x_central, c_graph, c_args)
-        if blocks:
-            return torch.cat([out_c, self._block_call(forward, conv, x, x_marginal, m_graph, m_args,
-                                                      self._halo_source(None, pending, keep, send_bits, recv_bits),
-                                                      edge_index)])
         x_full = exchange_halo(x, state.exchanger, send_bits, recv_bits, pending)
         self._arrived(x_full[nl:], edge_index, observe, keep)
         out_m = self._call(forward, conv, x_full if m_nodes is None else x_full[m_nodes], x_marginal, m_graph, m_args)
@@ -650,7 +645,9 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
         shard: this rank's :class:`GraphShard` (``shard.rank`` must be the process group rank).
         message_bits: ``None`` (exact float messages), 1, 2, 4 or 8 (quantized, unbiased), or
             ``"auto"`` (2/4/8 chosen per layer and link, see :mod:`exactq.distributed.adaptive`).
-        overlap: aggregate nodes without remote in-neighbours while the halo rows travel.
+        overlap: aggregate nodes without remote in-neighbours while the halo rows travel (a layer that
+            aggregates by column blocks: every row's owned-source part while they travel, and in backward
+            the owned rows' gradient while the halo gradients travel back).
         group: the process group (default: the world).
         auto_every: with ``"auto"``, re-solve the bit assignment every this many training forwards.
         eval_message_bits: the messages of forwards in eval mode (``model.eval()``): ``None`` (exact, the
