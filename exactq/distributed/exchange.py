@@ -95,10 +95,12 @@ def _splits(counts: Sequence[int], width: int, bits: Sequence[Bits], dtype) -> l
 
 
 class _Pending:
-    """An exchange in flight: wait() gives the received bytes."""
+    """An exchange in flight: wait() gives the received bytes. An asynchronous one holds the sent bytes
+    until it is waited for, so that they outlive the transfer whatever the backend keeps of them."""
 
-    def __init__(self, work, out: torch.Tensor, width: int, dtype, recv_bits):
-        self.work, self.out, self.width, self.dtype, self.recv_bits = work, out, width, dtype, recv_bits
+    def __init__(self, work, send: Optional[torch.Tensor], out: torch.Tensor, width: int, dtype, recv_bits):
+        self.work, self.send, self.out = work, send, out
+        self.width, self.dtype, self.recv_bits = width, dtype, recv_bits
 
 
 class Exchanger:
@@ -132,7 +134,7 @@ class Exchanger:
                                       async_op=async_op)
         if not async_op:
             self.stats.comm_seconds += time.perf_counter() - started
-        return _Pending(work, out, width, dtype, bits_recv)
+        return _Pending(work, send if async_op else None, out, width, dtype, bits_recv)
 
     def _received(self, pending: _Pending, counts):
         """Waits for an exchange; yields (peer, its message bytes, rows, bits) one peer at a time."""
@@ -140,6 +142,7 @@ class Exchanger:
             t = time.perf_counter()
             pending.work.wait()
             self.stats.comm_seconds += time.perf_counter() - t
+            pending.work = pending.send = None  # the sent bytes go now, not when the pending exchange does
         offset = 0
         for q, (c, b) in enumerate(zip(counts, pending.recv_bits)):
             size = message_nbytes(c, pending.width, b, pending.dtype)
