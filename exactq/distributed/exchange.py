@@ -173,14 +173,14 @@ class Exchanger:
             decode(buf, c, pending.width, b, pending.dtype, out[o:o + c])
         return out
 
-    def start_reverse(self, grad_rows, width: int, dtype, send_bits, recv_bits, async_op: bool = True) -> _Pending:
+    def start_reverse(self, grad_rows, width: int, dtype, send_bits, recv_bits) -> _Pending:
         """Backward: starts sending halo-row gradients back to their owners. ``grad_rows(q)``: the
         gradients of the halo rows that came from peer q, (recv_counts[q], width), made when needed (one
         peer's at a time)."""
         with torch.no_grad():
             # Directions swap: what came from q goes back to q at the bits q used for it.
             return self._exchange(grad_rows, width, dtype, self.plan.recv_counts, self.plan.send_counts,
-                                  send_bits, recv_bits, async_op)
+                                  send_bits, recv_bits, async_op=True)
 
     def add_reversed(self, pending: _Pending, grad_x: torch.Tensor) -> None:
         """Waits for a :meth:`start_reverse` exchange and adds the gradients this rank's sent rows received
@@ -190,11 +190,6 @@ class Exchanger:
             for q, buf, c, b in self._received(pending, self.plan.send_counts):
                 if c:
                     grad_x.index_add_(0, index[soff[q]:soff[q] + c], decode(buf, c, pending.width, b, pending.dtype))
-
-    def reverse_into(self, grad_rows, width: int, grad_x: torch.Tensor, send_bits, recv_bits) -> None:
-        """:meth:`start_reverse` then :meth:`add_reversed`, with nothing between them."""
-        self.add_reversed(self.start_reverse(grad_rows, width, grad_x.dtype, send_bits, recv_bits, async_op=False),
-                          grad_x)
 
     def per_peer(self, halo: torch.Tensor):
         """``q -> `` the rows of peer q in a tensor of one row per halo row (halo rows, or their gradients)."""
@@ -219,8 +214,9 @@ class HaloExchange(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         ex = ctx.exchanger
         n = ex.num_local
-        grad_x = grad[:n].clone()
-        ex.reverse_into(ex.per_peer(grad[n:]), grad.shape[1], grad_x, *ctx.bits)
+        pending = ex.start_reverse(ex.per_peer(grad[n:]), grad.shape[1], grad.dtype, *ctx.bits)
+        grad_x = grad[:n].clone()  # while the halo gradients travel
+        ex.add_reversed(pending, grad_x)
         return grad_x, None, None, None, None
 
 
