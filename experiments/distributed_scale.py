@@ -107,9 +107,8 @@ def epoch_compute_seconds(data, parts, rank, repeats: int = 2) -> float:
     y = torch.randint(0, 47, (nl,))
     torch.manual_seed(0)
     model = build_model("sage", data.num_features, 256, 47, 3)
-    convs = [m for m in model.modules() if isinstance(m, SAGEConv)]
-    halos = [torch.randn(nh, c.in_channels, requires_grad=i > 0) for i, c in enumerate(convs)]
-    for conv, halo in zip(convs, halos):
+    for i, conv in enumerate(m for m in model.modules() if isinstance(m, SAGEConv)):
+        halo = torch.randn(nh, conv.in_channels, requires_grad=i > 0)
         conv.register_forward_pre_hook(lambda _, args, h=halo: ((torch.cat([args[0], h]), args[0]), *args[1:]))
     times = []
     for _ in range(repeats + 1):
