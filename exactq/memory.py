@@ -2,10 +2,14 @@
 counted while it stays alive. Used to check :class:`exactq.MemoryReport` against reality and to
 measure activation memory as "memory held after forward minus memory held before it". Also the
 storage helpers the hook engine shares (storage identity, an op's argument storages, a dict keyed on
-live storages).
+live storages). And :func:`map_large_allocations`, which has freed tensor memory go back to the
+operating system at once.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
+import platform
 import resource
 from typing import Any, Dict, Tuple
 
@@ -14,6 +18,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.parameter import UninitializedTensorMixin
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+log = logging.getLogger(__name__)
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MAX_MMAP_THRESHOLD = 32 * 2**20  # glibc refuses a larger one (HEAP_MAX_SIZE / 2 on 64-bit)
 
 
 def storage_id(t: torch.Tensor) -> int:
@@ -129,3 +138,33 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def map_large_allocations(threshold_bytes: int = 2**20) -> bool:
+    """Has glibc's malloc give every allocation of at least ``threshold_bytes`` a mapping of its own,
+    returned to the operating system as soon as it is freed.
+
+    PyTorch's CPU tensors come from malloc. glibc raises its mmap threshold to the size of each mapped
+    block that is freed (up to 32 MiB); after that, tensors of up to that size come from the heap,
+    where freed memory stays with the process, fragmented, and adds to its peak. A training epoch that
+    makes and frees many tensors of a few MiB (a distributed rank's messages and per-peer rows) then
+    holds hundreds of MB it does not use. A fixed threshold turns the raising off: on the half-scale
+    products-shaped graph a rank's peak resident memory went from 2.54-2.61 to 2.33 GB, one process's
+    from 7.09 to 7.00 GB, epoch time unchanged (``experiments/distributed_scale.py --sections memory``).
+
+    Args:
+        threshold_bytes: allocations of at least this many bytes are mapped, 1 .. 32 MiB.
+
+    Returns:
+        Whether it took effect for this process (False where the C library is not glibc).
+    """
+    if isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) \
+            or not 0 < threshold_bytes <= MAX_MMAP_THRESHOLD:
+        raise ValueError(f"threshold_bytes must be an int in 1 .. {MAX_MMAP_THRESHOLD} (32 MiB), got "
+                         f"{threshold_bytes!r}")
+    if platform.libc_ver()[0] != "glibc":
+        log.info("map_large_allocations: the C library is not glibc; malloc left as it is")
+        return False
+    done = ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold_bytes) == 1
+    log.debug("malloc maps allocations of >= %d bytes: %s", threshold_bytes, done)
+    return done

@@ -2,7 +2,8 @@
 memory per rank with 4 ranks against one process.
 
     python experiments/distributed_scale.py [--quick] [--sections projection memory peak] [--scale 1.0]
-                                            [--memory-scale 0.5] [--epochs 2] [--locality 0.9]
+                                            [--memory-scale 0.5] [--memory-paths column-blocks owned-halo]
+                                            [--epochs 2] [--locality 0.9]
                                             [--peak-scale 0.05]
 
 Graph: 2,449,029 nodes, 100 features, 61,859,140 directed edges, 47 classes, 90% of the edges within
@@ -19,11 +20,15 @@ GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
   many times faster than this CPU (compute and packing alike) a machine must be for 3x.
 * memory: peak resident memory (VmHWM) of each of 4 ranks training on their shards (each loads only
   its own shard from a partition directory) against one process training on the whole graph, both
-  with exactq INT2 activations, at ``--memory-scale`` (0.5: four full-size ranks with their halos do
-  not fit together in this machine's 24 GiB), and ``--locality`` of the edges within communities (the
-  rest join random nodes: they make the halo). The ranks run twice: with GraphSAGE's halo rows
+  with exactq INT2 activations, at ``--memory-scale`` (0.5 by default: four full-size ranks given owned +
+  halo rows do not fit together in this machine's 24 GiB; column-block ranks do, ``--memory-scale 1
+  --memory-paths column-blocks``), and ``--locality`` of the edges within communities (the rest join
+  random nodes: they make the halo). The ranks run twice: with GraphSAGE's halo rows
   aggregated by column blocks (what ``wrap`` does for it on a CSR adjacency), and given owned + halo rows
-  in one tensor (the path every other layer takes, and SAGE's before the column blocks), side by side.
+  in one tensor (the path every other layer takes, and SAGE's before the column blocks), side by side;
+  malloc maps every allocation >= 1 MiB (``exactq.memory.map_large_allocations``, as the distributed
+  launcher sets it). Then one process and the column-block ranks again with glibc's own mmap
+  threshold, which rises to the largest tensor freed and leaves freed memory in the heap.
 * peak: where the memory goes, at ``--peak-scale``: the live bytes of the tensors a training epoch
   makes (the second epoch: caches built in the first are not counted), op by op, for one process and
   for each rank of 4 with either aggregation; the peak, the op it came at, and the largest tensors
@@ -51,7 +56,7 @@ import exactq
 import exactq.distributed as xd
 from exactq.data import PAPER_GRAPHS, synthetic_graph
 from exactq.distributed.exchange import decode, encode, message_nbytes
-from exactq.memory import arg_storages, peak_rss_bytes, sparse_parts
+from exactq.memory import arg_storages, map_large_allocations, peak_rss_bytes, sparse_parts
 from exactq.train import build_model
 
 from common import Timer, apply_threads, command_line, parser, write_results
@@ -236,10 +241,19 @@ def _write_partition(d: str, scale: float, locality: float, world: int) -> str:
 
 
 _PATHS = {True: "column blocks", False: "owned + halo input"}
+# The memory section's malloc settings (exactq.memory.map_large_allocations, which the distributed
+# launcher applies): a fixed mmap threshold, and glibc's own (rising) one.
+_MALLOC = {2**20: "maps >= 1 MiB", 0: "glibc's own"}
 
 
-def _rank_worker(rank, world, parts_dir, out_dir, blocks, epochs, peak):
+def _malloc(threshold: int) -> None:
+    if threshold:
+        map_large_allocations(threshold)
+
+
+def _rank_worker(rank, world, parts_dir, out_dir, blocks, epochs, peak, threshold):
     """One rank's training on its shard: peak RSS and epoch times, or (``peak``) its tensor peak."""
+    _malloc(threshold)
     shard = xd.load_shard(parts_dir, rank)
     run = (_rank_model(shard, blocks), shard.x, shard.sparse_adjacency(), shard.y, shard.train_mask,
            shard.global_counts["train_mask"])
@@ -253,13 +267,15 @@ def _rank_worker(rank, world, parts_dir, out_dir, blocks, epochs, peak):
         json.dump(result, f)
 
 
-def _ranks_both_ways(scale: float, locality: float, world: int, epochs: int = 2, peak: bool = False):
-    """Yields (aggregation path, rank, its :func:`_rank_worker` result) for ``world`` ranks on one
-    partition, SAGE by column blocks, then given owned + halo rows."""
+def _ranks(parts_dir: str, world: int, paths=(True, False), epochs: int = 2, peak: bool = False,
+           threshold: int = 0):
+    """Yields (aggregation path, rank, its :func:`_rank_worker` result) for ``world`` ranks on a
+    partition directory, for each of ``paths`` (True: SAGE by column blocks; False: given owned + halo
+    rows)."""
     with tempfile.TemporaryDirectory() as d:
-        parts_dir = _write_partition(d, scale, locality, world)
-        for blocks in (True, False):
-            xd.spawn(_rank_worker, world, args=(parts_dir, d, blocks, epochs, peak), timeout=7200, pg_timeout=1800)
+        for blocks in paths:
+            xd.spawn(_rank_worker, world, args=(parts_dir, d, blocks, epochs, peak, threshold), timeout=7200,
+                     pg_timeout=1800)
             for r in range(world):
                 with open(os.path.join(d, f"rank{r}_{blocks}.json")) as f:
                     yield _PATHS[blocks], r, json.load(f)
@@ -309,16 +325,19 @@ def peak(scale: float, locality: float, world: int = 4):
     single = _peak_epoch(build_model("sage", data.num_features, 256, 47, 3), data.x, data.adj_t, data.y,
                          data.train_mask, int(data.train_mask.sum()))
     rows = [{"process": "one process", **single, "x of one process": 1.0}]
-    for path, r, m in _ranks_both_ways(scale, locality, world, peak=True):
+    with tempfile.TemporaryDirectory() as d:
+        ranks = list(_ranks(_write_partition(d, scale, locality, world), world, peak=True))
+    for path, r, m in ranks:
         rows.append({"process": f"rank {r} of {world}, {path}", **m, "x of one process": m["peak MB"] / single["peak MB"]})
     for r in rows:
         print(r, flush=True)
     return rows
 
 
-def _single_process(scale: float, epochs: int, locality: float) -> dict:
+def _single_process(scale: float, epochs: int, locality: float, threshold: int) -> dict:
     from exactq.data import with_sparse_adjacency
 
+    _malloc(threshold)
     data = with_sparse_adjacency(products(scale, locality))
     torch.manual_seed(0)
     model = build_model("sage", data.num_features, 256, 47, 3)
@@ -326,30 +345,38 @@ def _single_process(scale: float, epochs: int, locality: float) -> dict:
     return {"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times}
 
 
-def memory(scale: float, epochs: int, locality: float, world: int = 4):
+def memory(scale: float, epochs: int, locality: float, paths=(True, False), world: int = 4):
+    """One process, then 4 ranks by the aggregation ``paths`` (True: column blocks), malloc mapping
+    tensors >= 1 MiB; then one process and the column-block ranks (if among ``paths``) again with glibc's
+    own mmap threshold."""
     rows = []
-    one = subprocess.run([sys.executable, __file__, "--single-process", str(scale), str(epochs), str(locality)],
-                         capture_output=True, text=True)
-    line = [l for l in one.stdout.splitlines() if l.startswith("RESULT ")]
-    single = json.loads(line[0][7:]) if line else {"peak_rss_gb": float("nan"), "epoch_s": [float("nan")],
-                                                   "error": one.stderr[-300:]}
-    rows.append({"processes": 1, "halo rows": "-", "rank": "-",
-                 "owned nodes": int(PAPER_GRAPHS["ogbn-products"][0] * scale),
-                 "halo nodes": 0, "peak RSS GB": single["peak_rss_gb"], "x of one process": 1.0,
-                 "median epoch s": statistics.median(single["epoch_s"])})
-    print(rows[-1], single.get("error", ""), flush=True)
-    for path, r, m in _ranks_both_ways(scale, locality, world, epochs):
-        rows.append({"processes": world, "halo rows": path, "rank": r, "owned nodes": m["num_local"],
-                     "halo nodes": m["num_halo"], "peak RSS GB": m["peak_rss_gb"],
-                     "x of one process": m["peak_rss_gb"] / single["peak_rss_gb"],
-                     "median epoch s": statistics.median(m["epoch_s"])})
-        print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        parts_dir = _write_partition(d, scale, locality, world)
+        for threshold, malloc in _MALLOC.items():
+            one = subprocess.run([sys.executable, __file__, "--single-process", str(scale), str(epochs), str(locality),
+                                  str(threshold)], capture_output=True, text=True)
+            line = [l for l in one.stdout.splitlines() if l.startswith("RESULT ")]
+            single = json.loads(line[0][7:]) if line else {"peak_rss_gb": float("nan"), "epoch_s": [float("nan")],
+                                                           "error": one.stderr[-300:]}
+            rows.append({"malloc": malloc, "processes": 1, "halo rows": "-", "rank": "-",
+                         "owned nodes": int(PAPER_GRAPHS["ogbn-products"][0] * scale),
+                         "halo nodes": 0, "peak RSS GB": single["peak_rss_gb"], "x of one process": 1.0,
+                         "median epoch s": statistics.median(single["epoch_s"])})
+            print(rows[-1], single.get("error", ""), flush=True)
+            for path, r, m in _ranks(parts_dir, world, paths if threshold else tuple(p for p in paths if p), epochs,
+                                     threshold=threshold):
+                rows.append({"malloc": malloc, "processes": world, "halo rows": path, "rank": r,
+                             "owned nodes": m["num_local"], "halo nodes": m["num_halo"],
+                             "peak RSS GB": m["peak_rss_gb"], "x of one process": m["peak_rss_gb"] / single["peak_rss_gb"],
+                             "median epoch s": statistics.median(m["epoch_s"])})
+                print(rows[-1], flush=True)
     return rows
 
 
 def main(argv=None):
-    if argv is None and len(sys.argv) == 5 and sys.argv[1] == "--single-process":
-        print("RESULT " + json.dumps(_single_process(float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))))
+    if argv is None and len(sys.argv) == 6 and sys.argv[1] == "--single-process":
+        print("RESULT " + json.dumps(_single_process(float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]),
+                                                     int(sys.argv[5]))))
         return
     p = parser(__doc__)
     p.add_argument("--sections", nargs="+", default=["projection", "memory"], choices=["projection", "memory", "peak"])
@@ -359,8 +386,13 @@ def main(argv=None):
                    help="memory section: fraction of edges within communities (the rest join random nodes, and "
                         "make the halo)")
     p.add_argument("--memory-scale", type=float, default=0.5,
-                   help="graph scale of the memory section: 4 ranks of the full graph, each with its halo, do not "
-                        "fit together in this machine's 24 GiB (one machine each is the point)")
+                   help="graph scale of the memory section: 4 ranks of the full graph given owned + halo rows do not "
+                        "fit together in this machine's 24 GiB (one machine each is the point); by column blocks "
+                        "they do")
+    p.add_argument("--memory-paths", nargs="+", default=["column-blocks", "owned-halo"],
+                   choices=["column-blocks", "owned-halo"],
+                   help="memory section: how the ranks' SAGE layers read halo rows (by column blocks, or given owned "
+                        "+ halo rows in one tensor)")
     p.add_argument("--peak-scale", type=float, default=0.05, help="graph scale of the peak section")
     args = p.parse_args(argv)
     apply_threads(args)
@@ -379,11 +411,13 @@ def main(argv=None):
     if "memory" in args.sections:
         with Timer() as timer:
             mscale = scale if args.quick else args.memory_scale
-            rows = memory(mscale, 1 if args.quick else args.epochs, args.locality)
-        print(write_results(args.out, stem("distributed_memory"), rows,
+            paths = tuple(p == "column-blocks" for p in args.memory_paths)
+            rows = memory(mscale, 1 if args.quick else args.epochs, args.locality, paths)
+        print(write_results(args.out, stem("distributed_memory") + ("" if args.quick or mscale == 0.5 else f"_scale{mscale:g}"), rows,
                             f"Peak resident memory per process, ogbn-products-shaped graph (scale {mscale}, "
                             f"{args.locality:.0%} of edges within communities), GraphSAGE 3 x 256, exactq INT2 "
-                            "activations, 2-bit messages; one process vs 4 ranks on this machine.",
+                            "activations, 2-bit messages; one process vs 4 ranks on this machine, malloc mapping allocations >= 1 "
+                            "MiB, then with glibc's own mmap threshold.",
                             command_line(), timer.seconds).read_text())
     if "peak" in args.sections:
         with Timer() as timer:
