@@ -148,9 +148,9 @@ def map_large_allocations(threshold_bytes: int = 2**20) -> bool:
     block that is freed (up to 32 MiB); after that, tensors of up to that size come from the heap,
     where freed memory stays with the process, fragmented, and adds to its peak. A training epoch that
     makes and frees many tensors of a few MiB (a distributed rank's messages and per-peer rows) then
-    holds hundreds of MB it does not use. A fixed threshold turns the raising off: on the half-scale
-    products-shaped graph a rank's peak resident memory went from 2.54-2.61 to 2.33 GB, one process's
-    from 7.09 to 7.00 GB, epoch time unchanged (``experiments/distributed_scale.py --sections memory``).
+    holds hundreds of MB it does not use. A fixed threshold turns the raising off: on the products-sized
+    graph a rank's peak resident memory (4 ranks) went from 4.49-4.59 to 4.31 GB, one process's from
+    13.78 to 13.67 GB, epoch times within noise (``experiments/distributed_scale.py --sections memory``).
 
     Args:
         threshold_bytes: allocations of at least this many bytes are mapped, 1 .. 32 MiB.

@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also compress each rank's saved activations with exactq.compress")
     p.add_argument("--malloc-mmap-threshold", type=_mmap_threshold, default=2**20,
                    help="bytes from which glibc's malloc maps each allocation, so that freed tensors go back to the "
-                        "system (exactq.memory.map_large_allocations; a rank's peak memory ~10%% lower); 0: malloc's "
+                        "system (exactq.memory.map_large_allocations; a rank's peak memory 5-10%% lower); 0: malloc's "
                         "own threshold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write rank 0's summary as JSON here")
