@@ -977,6 +977,59 @@ def test_ranks_store_compressed_activations_as_one_process_does(tmp_path):
         assert r["stored"] / r["rows"] <= 1.5 * per_row, (r, per_row)
 
 
+
+_INT8_CASES = (("gcn", False), ("gcn", True), ("sage", False), ("sage", True), ("gin", False), ("gin", True),
+               ("gat", False))  # (model, on shard.sparse_adjacency()); GAT takes an edge_index only
+
+
+def _int8_graph_and_model(name):
+    data = synthetic_graph(2000, 32, 16000, 4, signal=1.0, seed=3)
+    torch.manual_seed(0)
+    return data, build_model(name, 32, 64, 4, 3, norm="batch_norm", dropout=0.0)
+
+
+def _int8_worker(rank, world, out_dir):
+    result = {}
+    for name, sparse in _INT8_CASES:
+        data, model = _int8_graph_and_model(name)
+        s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)
+        model = xd.wrap(model, s, message_bits=None)
+        with exactq.compress(bits=8, compute="int8") as session:
+            out = model(s.x, s.sparse_adjacency() if sparse else s.edge_index)
+        shard_loss(out, s.y, s.train_mask, s.global_counts["train_mask"]).backward()
+        result[name, sparse] = dict(grad=flat_grads(model), paths=session.report().compute)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ranks_compute_in_int8_as_one_process_does(tmp_path):
+    """Distributed training composes with ``compute="int8"``: every product a rank runs is int8 (none falls
+    back to fp32), parameter gradients are identical on every rank, and they are as close to fp32
+    single-process training as one process computing in int8 is (on the same adjacency form)."""
+    xd.spawn(_int8_worker, 2, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, sparse in _INT8_CASES:
+        got = ranks[0][name, sparse]
+        assert torch.equal(got["grad"], ranks[1][name, sparse]["grad"]), (name, sparse)
+        for rank in ranks:
+            paths = rank[name, sparse]["paths"]
+            spmm = "attention spmm: int8" if name == "gat" else "spmm: int8"
+            assert paths.get(spmm, 0) > 0 and paths.get("linear: int8", 0) > 0, (name, sparse, paths)
+            assert not [k for k in paths if "fp32" in k], (name, sparse, paths)
+        data, ref = _int8_graph_and_model(name)
+        total = int(data.train_mask.sum())
+        graph_in = with_sparse_adjacency(data).adj_t if sparse else data.edge_index
+        shard_loss(ref(data.x, data.edge_index), data.y, data.train_mask, total).backward()
+        g = flat_grads(ref)
+        _, one = _int8_graph_and_model(name)
+        with exactq.compress(bits=8, compute="int8"):
+            loss = shard_loss(one(data.x, graph_in), data.y, data.train_mask, total)
+        loss.backward()
+        err_one = float((flat_grads(one) - g).norm() / g.norm())
+        err = float((got["grad"] - g).norm() / g.norm())
+        assert err <= 1.5 * err_one + 0.01 and float(F.cosine_similarity(got["grad"], g, 0)) >= 0.99, \
+            (name, sparse, err, err_one)
+
+
 def _load_worker(rank, world, root, out_dir):
     from exactq.data import load_planetoid
     torch.save(load_planetoid("Cora", root).num_nodes, os.path.join(out_dir, f"rank{rank}.pt"))
