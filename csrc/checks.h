@@ -129,6 +129,43 @@ inline void check_int8_sddmm_inputs(const at::Tensor& crow, const at::Tensor& co
               "exactq: crow, col, a, b and their scales must be on one device");
 }
 
+// exactq::spmm_columns: out += (diag(row_scale) A)[:, col_start:col_end] @ x (or its transpose's product).
+inline void check_spmm_columns_inputs(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                                      const std::optional<at::Tensor>& row_scale, int64_t col_start,
+                                      int64_t col_end, bool transpose, const at::Tensor& x, const at::Tensor& out) {
+  TORCH_CHECK(crow.dim() == 1 && crow.numel() >= 1 && crow.scalar_type() == at::kLong && crow.is_contiguous(),
+              "exactq: spmm_columns: crow must be a contiguous 1-D int64 tensor of rows + 1 offsets");
+  TORCH_CHECK(col.dim() == 1 && col.scalar_type() == at::kLong && col.is_contiguous(),
+              "exactq: spmm_columns: col must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(0 <= col_start && col_start <= col_end, "exactq: spmm_columns: need 0 <= col_start <= col_end, got ",
+              col_start, ", ", col_end);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "exactq: spmm_columns: x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(values.dim() == 1 && values.numel() == col.numel() && values.scalar_type() == x.scalar_type() &&
+                  values.is_contiguous(),
+              "exactq: spmm_columns: values must be a contiguous 1-D tensor of x's dtype with one value per column "
+              "index (", col.numel(), ")");
+  const int64_t rows = crow.numel() - 1, width = col_end - col_start;
+  const int64_t x_rows = transpose ? rows : width, out_rows = transpose ? width : rows;
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == x_rows && x.is_contiguous(), "exactq: spmm_columns: x must be a "
+              "contiguous 2-D tensor of ", x_rows, transpose ? " rows (the matrix's)" : " rows (col_end - col_start)",
+              ", got ", x.sizes());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == out_rows && out.size(1) == x.size(1) &&
+                  out.scalar_type() == x.scalar_type() && out.is_contiguous(),
+              "exactq: spmm_columns: out must be a contiguous [", out_rows, ", ", x.size(1), "] tensor of x's dtype, "
+              "got ", out.scalar_type(), " ", out.sizes());
+  if (row_scale.has_value()) {
+    TORCH_CHECK(row_scale->dim() == 1 && row_scale->numel() == rows && row_scale->scalar_type() == x.scalar_type() &&
+                    row_scale->is_contiguous(),
+                "exactq: spmm_columns: row_scale must be a contiguous tensor of x's dtype with crow.numel() - 1 = ",
+                rows, " elements");
+    TORCH_CHECK(row_scale->device() == x.device(), "exactq: spmm_columns: row_scale must be on x's device");
+  }
+  TORCH_CHECK(crow.device() == x.device() && col.device() == x.device() && values.device() == x.device() &&
+                  out.device() == x.device(),
+              "exactq: spmm_columns: crow, col, values, x and out must be on one device");
+}
+
 // Longest sum of int8 x int8 products that cannot overflow int32, whatever the codes: 131,071 * 128 * 128 < 2^31.
 constexpr int64_t kInt8MaxTerms = ((int64_t{1} << 31) - 1) / (128 * 128);
 

@@ -49,6 +49,13 @@ _SCHEMAS = {
     # Dropout whose mask is a function of (seed, element index): x * (u >= p ? 1 / (1 - p) : 0). Its
     # backward is the same op on the gradient with the same seed, so the mask is never stored.
     "seeded_dropout": "seeded_dropout(Tensor x, float p, int seed) -> Tensor",
+    # The product of a CSR matrix A = (crow, col, values) restricted to its columns [col_start, col_end),
+    # B = (diag(row_scale) A)[:, col_start:col_end], added into out: out += B @ x, or out += B^T @ x with
+    # transpose; in CSR order, without copying A (exactq.distributed's halo rows, one peer at a time).
+    "spmm_columns": (
+        "spmm_columns(Tensor crow, Tensor col, Tensor values, Tensor? row_scale, int col_start, int col_end, "
+        "bool transpose, Tensor x, Tensor(a!) out) -> ()"
+    ),
 }
 for _schema in _SCHEMAS.values():
     _LIB.define(_schema)
@@ -112,6 +119,11 @@ def _int8_mm_fake(a, b, a_scale, b_scale, bias=None):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
 
 
+@torch.library.register_fake("exactq::spmm_columns", lib=_LIB)
+def _spmm_columns_fake(crow, col, values, row_scale, col_start, col_end, transpose, x, out):
+    return None
+
+
 @torch.library.register_fake("exactq::seeded_dropout", lib=_LIB)
 def _seeded_dropout_fake(x, p, seed):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -148,3 +160,4 @@ int8_spmm = torch.ops.exactq.int8_spmm.default
 int8_sddmm = torch.ops.exactq.int8_sddmm.default
 int8_mm = torch.ops.exactq.int8_mm.default
 seeded_dropout = torch.ops.exactq.seeded_dropout.default
+spmm_columns = torch.ops.exactq.spmm_columns.default

@@ -340,3 +340,50 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     scale = torch.tensor(1.0, dtype=torch.float32) / (torch.tensor(1.0, dtype=torch.float32) - pf)
     keep = uniform(seed, torch.arange(x.numel(), dtype=torch.int64)).view(x.shape).to(x.device) >= pf.to(x.device)
     return x * torch.where(keep, scale.to(x.device), torch.zeros((), device=x.device))
+
+
+def _kth_of_group(group: torch.Tensor) -> torch.Tensor:
+    """For a sorted (non-decreasing) 1-D ``group``, each element's position within its run of equal values."""
+    n = group.numel()
+    start = torch.ones(n, dtype=torch.bool, device=group.device)
+    if n:
+        start[1:] = group[1:] != group[:-1]
+    first = torch.cummax(torch.where(start, torch.arange(n, device=group.device), 0), 0).values
+    return torch.arange(n, device=group.device) - first
+
+
+def spmm_columns(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, row_scale: Optional[torch.Tensor],
+                 col_start: int, col_end: int, transpose: bool, x: torch.Tensor, out: torch.Tensor) -> None:
+    """Reference of ``exactq::spmm_columns``: with ``B = (diag(row_scale) A)[:, col_start:col_end]`` for the
+    CSR matrix ``A = (crow, col, values)``, ``out += B @ x`` (``out += B^T @ x`` with ``transpose``), in place,
+    one entry at a time in CSR order: ``out[i] += w * x[col[e] - col_start]`` (transposed: ``out[col[e] -
+    col_start] += w * x[i]``) for each entry ``e`` of row ``i`` in the range, ``w = values[e] * row_scale[i]``
+    (``values[e]`` without ``row_scale``). float32 / float64; entries outside the range are skipped."""
+    m = crow.numel() - 1
+    if crow.dim() != 1 or m < 0 or crow.dtype != torch.int64 or col.dim() != 1 or col.dtype != torch.int64:
+        raise ValueError("spmm_columns needs 1-D int64 crow (rows + 1 offsets) and col")
+    if not 0 <= col_start <= col_end:
+        raise ValueError(f"spmm_columns needs 0 <= col_start <= col_end, got {col_start}, {col_end}")
+    if x.dtype not in (torch.float32, torch.float64) or values.dtype != x.dtype or values.shape != col.shape:
+        raise ValueError("spmm_columns needs float32/float64 x and values of x's dtype, one per column index")
+    width = col_end - col_start
+    x_rows, out_rows = (m, width) if transpose else (width, m)
+    if x.dim() != 2 or x.shape[0] != x_rows or out.shape != (out_rows, x.shape[1]) or out.dtype != x.dtype:
+        raise ValueError(f"spmm_columns needs x [{x_rows}, C] and out [{out_rows}, C] of x's dtype")
+    if row_scale is not None and (row_scale.shape != (m,) or row_scale.dtype != x.dtype):
+        raise ValueError(f"spmm_columns needs row_scale of x's dtype with {m} elements")
+    deg = crow[1:] - crow[:-1]
+    if crow[0] != 0 or crow[-1] != col.numel() or bool((deg < 0).any()):
+        raise ValueError("spmm_columns: malformed CSR: crow must be non-decreasing from 0 to col.numel()")
+    rows = torch.repeat_interleave(torch.arange(m, device=col.device), deg)
+    sel = ((col >= col_start) & (col < col_end)).nonzero().squeeze(1)  # CSR order
+    r, j, w = rows[sel], col[sel] - col_start, values[sel]
+    if row_scale is not None:
+        w = w * row_scale[r]
+    src, dst = (j, r) if not transpose else (r, j)
+    order = torch.sort(dst, stable=True).indices  # each output row's terms in CSR order
+    src, dst, w = src[order], dst[order], w[order]
+    k_of = _kth_of_group(dst)
+    for k in range(int(k_of.max()) + 1 if k_of.numel() else 0):  # the k-th term of every output row
+        idx = (k_of == k).nonzero().squeeze(1)
+        out[dst[idx]] = out[dst[idx]] + w[idx].unsqueeze(1) * x[src[idx]]

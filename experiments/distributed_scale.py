@@ -2,7 +2,7 @@
 memory per rank with 4 ranks against one process.
 
     python experiments/distributed_scale.py [--quick] [--sections projection memory peak] [--scale 1.0]
-                                            [--memory-scale 0.5] [--memory-paths column-blocks owned-halo]
+                                            [--memory-scale 0.5] [--memory-paths column-ranges owned-halo]
                                             [--epochs 2] [--locality 0.9]
                                             [--peak-scale 0.05]
 
@@ -21,13 +21,13 @@ GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
 * memory: peak resident memory (VmHWM) of each of 4 ranks training on their shards (each loads only
   its own shard from a partition directory) against one process training on the whole graph, both
   with exactq INT2 activations, at ``--memory-scale`` (0.5 by default: four full-size ranks given owned +
-  halo rows do not fit together in this machine's 24 GiB; column-block ranks do, ``--memory-scale 1
-  --memory-paths column-blocks``), and ``--locality`` of the edges within communities (the rest join
+  halo rows do not fit together in this machine's 24 GiB; column-range ranks do, ``--memory-scale 1
+  --memory-paths column-ranges``), and ``--locality`` of the edges within communities (the rest join
   random nodes: they make the halo). The ranks run twice: with GraphSAGE's halo rows
-  aggregated by column blocks (what ``wrap`` does for it on a CSR adjacency), and given owned + halo rows
-  in one tensor (the path every other layer takes, and SAGE's before the column blocks), side by side;
-  malloc maps every allocation >= 1 MiB (``exactq.memory.map_large_allocations``, as the distributed
-  launcher sets it). Then one process and the column-block ranks again with glibc's own mmap
+  aggregated by column ranges (what ``wrap`` does for it on a CSR adjacency), and given owned + halo rows
+  in one tensor (the path every other layer takes, and SAGE's before the column ranges), side by side;
+  malloc maps every allocation >= 1 MiB (``exactq.memory.map_large_allocations``, the distributed
+  launchers' ``--malloc-mmap-threshold 1048576``). Then one process and the column-range ranks again with glibc's own mmap
   threshold, which rises to the largest tensor freed and leaves freed memory in the heap.
 * peak: where the memory goes, at ``--peak-scale``: the live bytes of the tensors a training epoch
   makes (the second epoch: caches built in the first are not counted), op by op, for one process and
@@ -215,16 +215,16 @@ def _train(model, x, graph, y, mask, total: int, epochs: int, tracker=None) -> l
 
 class _OwnedPlusHalo(SAGEConv):
     """SAGEConv aggregating through a ``message_and_aggregate`` of its own: exactq.distributed then gives
-    it owned + halo rows in one tensor instead of column blocks (the comparison's other side)."""
+    it owned + halo rows in one tensor instead of column ranges (the comparison's other side)."""
 
     def message_and_aggregate(self, adj_t, x):
         return super().message_and_aggregate(adj_t, x)
 
 
-def _rank_model(shard, blocks: bool):
+def _rank_model(shard, ranges: bool):
     torch.manual_seed(0)
     model = build_model("sage", shard.x.shape[1], 256, 47, 3)
-    if not blocks:
+    if not ranges:
         for m in model.modules():
             if type(m) is SAGEConv:
                 m.__class__ = _OwnedPlusHalo
@@ -240,9 +240,9 @@ def _write_partition(d: str, scale: float, locality: float, world: int) -> str:
     return parts_dir
 
 
-_PATHS = {True: "column blocks", False: "owned + halo input"}
+_PATHS = {True: "column ranges", False: "owned + halo input"}
 # The memory section's malloc settings (exactq.memory.map_large_allocations, which the distributed
-# launcher applies): a fixed mmap threshold, and glibc's own (rising) one.
+# launchers apply with --malloc-mmap-threshold): a fixed mmap threshold, and glibc's own (rising) one.
 _MALLOC = {2**20: "maps >= 1 MiB", 0: "glibc's own"}
 
 
@@ -251,11 +251,11 @@ def _malloc(threshold: int) -> None:
         map_large_allocations(threshold)
 
 
-def _rank_worker(rank, world, parts_dir, out_dir, blocks, epochs, peak, threshold):
+def _rank_worker(rank, world, parts_dir, out_dir, ranges, epochs, peak, threshold):
     """One rank's training on its shard: peak RSS and epoch times, or (``peak``) its tensor peak."""
     _malloc(threshold)
     shard = xd.load_shard(parts_dir, rank)
-    run = (_rank_model(shard, blocks), shard.x, shard.sparse_adjacency(), shard.y, shard.train_mask,
+    run = (_rank_model(shard, ranges), shard.x, shard.sparse_adjacency(), shard.y, shard.train_mask,
            shard.global_counts["train_mask"])
     if peak:
         result = _peak_epoch(*run)
@@ -263,22 +263,22 @@ def _rank_worker(rank, world, parts_dir, out_dir, blocks, epochs, peak, threshol
         times = _train(*run, epochs)
         result = {"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times, "num_local": shard.num_local,
                   "num_halo": shard.num_halo}
-    with open(os.path.join(out_dir, f"rank{rank}_{blocks}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"rank{rank}_{ranges}.json"), "w") as f:
         json.dump(result, f)
 
 
 def _ranks(parts_dir: str, world: int, paths=(True, False), epochs: int = 2, peak: bool = False,
            threshold: int = 0):
     """Yields (aggregation path, rank, its :func:`_rank_worker` result) for ``world`` ranks on a
-    partition directory, for each of ``paths`` (True: SAGE by column blocks; False: given owned + halo
+    partition directory, for each of ``paths`` (True: SAGE by column ranges; False: given owned + halo
     rows)."""
     with tempfile.TemporaryDirectory() as d:
-        for blocks in paths:
-            xd.spawn(_rank_worker, world, args=(parts_dir, d, blocks, epochs, peak, threshold), timeout=7200,
+        for ranges in paths:
+            xd.spawn(_rank_worker, world, args=(parts_dir, d, ranges, epochs, peak, threshold), timeout=7200,
                      pg_timeout=1800)
             for r in range(world):
-                with open(os.path.join(d, f"rank{r}_{blocks}.json")) as f:
-                    yield _PATHS[blocks], r, json.load(f)
+                with open(os.path.join(d, f"rank{r}_{ranges}.json")) as f:
+                    yield _PATHS[ranges], r, json.load(f)
 
 
 class _PeakTensors(TorchDispatchMode):
@@ -346,8 +346,8 @@ def _single_process(scale: float, epochs: int, locality: float, threshold: int) 
 
 
 def memory(scale: float, epochs: int, locality: float, paths=(True, False), world: int = 4):
-    """One process, then 4 ranks by the aggregation ``paths`` (True: column blocks), malloc mapping
-    tensors >= 1 MiB; then one process and the column-block ranks (if among ``paths``) again with glibc's
+    """One process, then 4 ranks by the aggregation ``paths`` (True: column ranges), malloc mapping
+    tensors >= 1 MiB; then one process and the column-range ranks (if among ``paths``) again with glibc's
     own mmap threshold."""
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -387,11 +387,11 @@ def main(argv=None):
                         "make the halo)")
     p.add_argument("--memory-scale", type=float, default=0.5,
                    help="graph scale of the memory section: 4 ranks of the full graph given owned + halo rows do not "
-                        "fit together in this machine's 24 GiB (one machine each is the point); by column blocks "
+                        "fit together in this machine's 24 GiB (one machine each is the point); by column ranges "
                         "they do")
-    p.add_argument("--memory-paths", nargs="+", default=["column-blocks", "owned-halo"],
-                   choices=["column-blocks", "owned-halo"],
-                   help="memory section: how the ranks' SAGE layers read halo rows (by column blocks, or given owned "
+    p.add_argument("--memory-paths", nargs="+", default=["column-ranges", "owned-halo"],
+                   choices=["column-ranges", "owned-halo"],
+                   help="memory section: how the ranks' SAGE layers read halo rows (by column ranges, or given owned "
                         "+ halo rows in one tensor)")
     p.add_argument("--peak-scale", type=float, default=0.05, help="graph scale of the peak section")
     args = p.parse_args(argv)
@@ -411,7 +411,7 @@ def main(argv=None):
     if "memory" in args.sections:
         with Timer() as timer:
             mscale = scale if args.quick else args.memory_scale
-            paths = tuple(p == "column-blocks" for p in args.memory_paths)
+            paths = tuple(p == "column-ranges" for p in args.memory_paths)
             rows = memory(mscale, 1 if args.quick else args.epochs, args.locality, paths)
         print(write_results(args.out, stem("distributed_memory") + ("" if args.quick or mscale == 0.5 else f"_scale{mscale:g}"), rows,
                             f"Peak resident memory per process, ogbn-products-shaped graph (scale {mscale}, "

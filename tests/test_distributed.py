@@ -376,7 +376,7 @@ def _keep_worker(rank, world, out_dir, sparse):
     data = graph()
     s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)
     whole = with_sparse_adjacency(graph()) if sparse else data
-    edges = s.sparse_adjacency() if sparse else s.edge_index  # sparse: halo rows aggregated by column blocks
+    edges = s.sparse_adjacency() if sparse else s.edge_index  # sparse: halo rows aggregated by column ranges
 
     def one_layer():
         torch.manual_seed(0)
@@ -479,7 +479,7 @@ def test_sparse_adjacency_equals_single_process(tmp_path):
 
 class _OwnAggregation(SAGEConv):
     """Aggregates as SAGEConv does, through a message_and_aggregate of its own: exactq.distributed then
-    gives it owned + halo rows in one tensor (the path the column blocks replace)."""
+    gives it owned + halo rows in one tensor (the path the column ranges replace)."""
 
     def message_and_aggregate(self, adj_t, x):
         return super().message_and_aggregate(adj_t, x)
@@ -495,7 +495,7 @@ class _OwnGraphConv(GraphConv):
         return super().message_and_aggregate(edge_index, x, edge_weight)
 
 
-BLOCK_LAYERS = {  # name -> (layer by column blocks, the same layer on owned + halo rows)
+RANGE_LAYERS = {  # name -> (layer by column ranges, the same layer on owned + halo rows)
     "SAGEConv(mean)": (lambda i, o: SAGEConv(i, o), lambda i, o: _OwnAggregation(i, o)),
     "GINConv(sum)": (lambda i, o: GINConv(_mlp(i, o)), lambda i, o: _OwnGIN(_mlp(i, o))),
     "GraphConv(mean)": (lambda i, o: GraphConv(i, o, aggr="mean"), lambda i, o: _OwnGraphConv(i, o, aggr="mean")),
@@ -519,11 +519,11 @@ class _RowCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def _blocks_worker(rank, world, out_dir):
+def _ranges_worker(rank, world, out_dir):
     data = sweep_graph()
     s = xd.shard(data, xd.partition(data.edge_index, data.num_nodes, world), rank)
     adj, total, result = s.sparse_adjacency(), s.global_counts["train_mask"], {}
-    for name, makes in BLOCK_LAYERS.items():
+    for name, makes in RANGE_LAYERS.items():
         for bits, overlap, own in itertools.product((None, 2), (False, True), (False, True)):
             torch.manual_seed(0)
             model = xd.wrap(_TwoLayers(makes[own], None, data.num_features, 16), s, message_bits=bits,
@@ -540,15 +540,25 @@ def _blocks_worker(rank, world, out_dir):
             with exactq.compress(bits=2) as session:
                 model(wide, adj)
             result[name, bits, overlap, own] = (loss, grad, counter.rows, session.report().external_bytes)
-    # The blocks copy the adjacency's arrays: values changed in place are seen at the next call, and
-    # values that require grad (which the copies would not pass on) keep the owned + halo input.
+    # The products read the adjacency's own arrays: values changed in place are seen at the next call; changed
+    # between a forward and its backward, the backward refuses (as autograd does for a tensor it saved); values
+    # that require grad (which the products, outside autograd, would not pass on) keep the owned + halo input.
     torch.manual_seed(0)
-    model = xd.wrap(_TwoLayers(BLOCK_LAYERS["GraphConv(mean)"][0], None, data.num_features, 16), s, message_bits=None)
+    model = xd.wrap(_TwoLayers(RANGE_LAYERS["GraphConv(mean)"][0], None, data.num_features, 16), s, message_bits=None)
     changed = s.sparse_adjacency()
     before = model(s.x, changed).detach()
     with torch.no_grad():
         changed.values().mul_(2.0)
     after = model(s.x, changed).detach()
+    out = model(s.x, changed)
+    with torch.no_grad():
+        changed.values().mul_(0.5)
+    try:
+        out.sum().backward()
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
+    model.zero_grad()
     fresh = s.sparse_adjacency()
     fresh = torch.sparse_csr_tensor(fresh.crow_indices(), fresh.col_indices(), 2.0 * fresh.values(), fresh.shape)
     values = adj.values().clone().requires_grad_()
@@ -556,22 +566,24 @@ def _blocks_worker(rank, world, out_dir):
     with _RowCounter() as counter:
         model(s.x, learnable).sum().backward()
     changes = dict(before=before, after=after, fresh=model(s.x, fresh).detach(), rows=counter.rows,
-                   values_grad=values.grad)
+                   values_grad=values.grad, refused=refused)
     torch.save((result, changes, s.num_local, s.num_halo), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_sum_and_mean_layers_aggregate_halo_rows_by_column_blocks(tmp_path):
+def test_sum_and_mean_layers_aggregate_halo_rows_by_column_ranges(tmp_path):
     """SAGEConv, GINConv and GraphConv on a CSR adjacency never make the (num_local + num_halo)-row input
     (nor its gradient): their halo rows are multiplied in one peer at a time. Loss and gradients equal
     those of the same layer given owned + halo rows in one tensor, with exact and with 2-bit messages
     (the same rounding), overlap on and off, on 3 ranks; in a compression session the aggregation's
     output is an activation (stored compressed), not an input referenced as it is. An adjacency changed
-    in place is read anew; one whose values require grad gets their gradient (through owned + halo rows)."""
-    xd.spawn(_blocks_worker, 3, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
+    in place is read anew, and refused by a backward whose forward read it before the change; one whose
+    values require grad gets their gradient (through owned + halo rows)."""
+    xd.spawn(_ranges_worker, 3, args=(str(tmp_path),), timeout=TIMEOUT, pg_timeout=60)
     for r in range(3):
         result, changes, num_local, num_halo = torch.load(tmp_path / f"rank{r}.pt")
         assert float((changes["after"] - changes["fresh"]).abs().max()) <= 1e-5, r  # in-place change seen
         assert float((changes["after"] - changes["before"]).abs().max()) > 1e-3, r
+        assert "modified in place between its forward and backward" in changes["refused"], r
         assert changes["rows"] == num_local + num_halo and changes["values_grad"] is not None, r
         assert float(changes["values_grad"].abs().sum()) > 0, r
         for (name, bits, overlap, own), (loss, grad, rows, external) in result.items():

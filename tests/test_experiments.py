@@ -143,12 +143,12 @@ def test_distributed_memory_and_peak_quick(tmp_path):
     rows = _rows(tmp_path / "distributed_memory_quick.csv")
     ranks = [r for r in rows if r["processes"] == "4"]
     assert sorted((r["malloc"], r["halo rows"], r["rank"]) for r in ranks) == sorted(
-        [("maps >= 1 MiB", k, str(i)) for k in ("column blocks", "owned + halo input") for i in range(4)]
-        + [("glibc's own", "column blocks", str(i)) for i in range(4)])
+        [("maps >= 1 MiB", k, str(i)) for k in ("column ranges", "owned + halo input") for i in range(4)]
+        + [("glibc's own", "column ranges", str(i)) for i in range(4)])
     assert all(float(r["peak RSS GB"]) > 0 and int(r["halo nodes"]) > 0 for r in ranks)
     peaks = {r["process"]: float(r["peak MB"]) for r in _rows(tmp_path / "distributed_peak_quick.csv")}
-    for r in range(4):  # live tensor bytes are deterministic: the column blocks' saving is measured
-        assert peaks[f"rank {r} of 4, column blocks"] < peaks[f"rank {r} of 4, owned + halo input"] < \
+    for r in range(4):  # live tensor bytes are deterministic: the column ranges' saving is measured
+        assert peaks[f"rank {r} of 4, column ranges"] < peaks[f"rank {r} of 4, owned + halo input"] < \
             peaks["one process"]
 
 

@@ -350,3 +350,79 @@ def test_signed_zero_extremes_give_identical_stats(device):
     assert torch.equal(stats.cpu().view(torch.int16), rstats.view(torch.int16))
     assert torch.equal(packed.cpu(), rpacked)
     assert (stats[:, 0].float() == 0).all() and not torch.signbit(stats[:, 0].float()).any()
+
+
+# -- spmm_columns: a CSR product over a range of its columns, added in place (exactq.distributed's halo rows) --
+
+def _csr_with_unsorted_columns(m, n, density, dtype, device, seed):
+    """A CSR matrix (crow, col, values) and its dense form; each row's columns shuffled (the op does not need
+    them sorted), some rows empty."""
+    g = torch.Generator().manual_seed(seed)
+    dense = (torch.rand(m, n, generator=g) < density) * torch.randn(m, n, generator=g)
+    dense[::5] = 0
+    crow, cols = [0], []
+    for row in dense:
+        nz = row.nonzero().squeeze(1)
+        cols.append(nz[torch.randperm(nz.numel(), generator=g)])
+        crow.append(crow[-1] + nz.numel())
+    col = torch.cat(cols) if cols else torch.empty(0, dtype=torch.long)
+    values = dense[torch.repeat_interleave(torch.arange(m), torch.tensor(crow).diff()), col]
+    to = dict(device=device)
+    return (torch.tensor(crow, **to), col.to(**to), values.to(dtype=dtype, **to)), dense.to(dtype=dtype, **to)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_ids)
+@pytest.mark.parametrize("width", [1, 7, 64, 257])
+def test_spmm_columns_equals_reference_and_the_dense_product(device, dtype, width):
+    (crow, col, values), dense = _csr_with_unsorted_columns(41, 70, 0.2, dtype, device, width)
+    m, n = dense.shape
+    g = torch.Generator().manual_seed(1)
+    row_scale = torch.rand(m, generator=g).to(dtype=dtype, device=device)
+    for start, end in ((0, 30), (30, n), (12, 12), (0, n), (65, n + 5)):
+        for scale in (None, row_scale):
+            for transpose in (False, True):
+                x = torch.randn(m if transpose else end - start, width, generator=g).to(dtype=dtype, device=device)
+                if x.numel():
+                    x[0, 0] = float("nan")  # propagates to every output element it meets, as in fp32
+                out = torch.randn(end - start if transpose else m, width, generator=g).to(dtype=dtype, device=device)
+                got, ref = out.clone(), out.clone()
+                _ops.spmm_columns(crow, col, values, scale, start, end, transpose, x, got)
+                reference.spmm_columns(crow, col, values, scale, start, end, transpose, x, ref)
+                b = (dense * (scale[:, None] if scale is not None else 1))[:, start:end]
+                b = torch.cat([b, b.new_zeros(m, end - start - b.shape[1])], 1)  # columns past the matrix's: none
+                expected = out + (b.t() @ x.nan_to_num(0.0) if transpose else b @ x.nan_to_num(0.0))
+                nan_rows = (b.t() if transpose else b)[:, 0] != 0 if x.numel() else None
+                if nan_rows is not None:  # where the NaN was read
+                    expected[nan_rows, 0] = float("nan")
+                # CPU: bit for bit (same summation order); CUDA's transposed product adds atomically
+                exact = device == "cpu" or not transpose
+                torch.testing.assert_close(got, ref, rtol=0 if exact else None, atol=0 if exact else None,
+                                           equal_nan=True)
+                torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+def test_spmm_columns_opcheck_and_bad_input(device):
+    (crow, col, values), dense = _csr_with_unsorted_columns(9, 12, 0.4, torch.float32, device, 0)
+    x, out = torch.randn(5, 3, device=device), torch.zeros(9, 3, device=device)
+    torch.library.opcheck(_ops.spmm_columns, (crow, col, values, None, 4, 9, False, x, out))
+    torch.library.opcheck(_ops.spmm_columns, (crow, col, values, torch.rand(9, device=device), 4, 9, True,
+                                              torch.randn(9, 3, device=device), torch.zeros(5, 3, device=device)))
+    bad = [
+        (dict(crow=crow.int()), "crow must be a contiguous 1-D int64"),
+        (dict(values=values.double()), "values must be a contiguous 1-D tensor of x's dtype"),
+        (dict(x=x[:4]), "x must be a contiguous 2-D tensor of 5 rows"),
+        (dict(out=out[:, :2]), "out must be a contiguous \\[9, 3\\]"),
+        (dict(start=6, end=4), "0 <= col_start <= col_end"),
+        (dict(row_scale=torch.ones(8, device=device)), "row_scale must be a contiguous tensor of x's dtype"),
+        (dict(x=x.half(), out=out.half(), values=values.half()), "x must be float32 or float64"),
+        (dict(crow=crow.flip(0)), "crow must start at 0|malformed CSR"),
+    ]
+    for change, match in bad:
+        a = dict(crow=crow, col=col, values=values, row_scale=None, start=4, end=9, x=x, out=out) | change
+        with pytest.raises(RuntimeError, match=match):
+            _ops.spmm_columns(a["crow"], a["col"], a["values"], a["row_scale"], a["start"], a["end"], False, a["x"],
+                              a["out"])
+    mid = crow.clone()
+    mid[3] = int(mid[4]) + 1  # decreasing inside, right ends
+    with pytest.raises(RuntimeError, match="malformed CSR"):
+        _ops.spmm_columns(mid, col, values, None, 4, 9, False, x, out.clone())

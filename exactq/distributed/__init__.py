@@ -8,7 +8,7 @@ quantized halo exchange (AdaQP).
 
 Layers, bottom up: :mod:`.partition` (METIS / random) -> :mod:`.shard` (a rank's nodes, edges and
 exchange plan) -> :mod:`.exchange` (messages packed by exactq's quantizer, the halo autograd function)
-and :mod:`.aggregate` (sum / mean over owned and per-peer halo column blocks) -> :mod:`.model` (wrap:
+and :mod:`.aggregate` (sum / mean over owned and per-peer halo column ranges) -> :mod:`.model` (wrap:
 layers, batch norm, gradient sum) and :mod:`.adaptive` (bits per link) -> :mod:`.launch` (local
 processes) and :mod:`.train` (the training entry point for torchrun).
 """

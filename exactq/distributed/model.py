@@ -26,7 +26,7 @@ from torch_geometric.nn import aggr as pyg_aggr
 from torch_geometric.nn import norm as pyg_norm
 from torch_geometric.nn.aggr.fused import FusedAggregation  # MultiAggregation's fused basic reductions
 
-from .aggregate import ColumnBlocks, HaloAggregate, column_blocks
+from .aggregate import HaloAggregate, column_ranges
 from .exchange import ExchangeStats, Exchanger, check_message_bits, exchange_halo
 from .shard import GraphShard
 
@@ -62,8 +62,8 @@ SUPPORTED_AGGREGATIONS = (
 _SPARSE_LAYERS = (GCNConv, SAGEConv, GraphConv, GINConv)
 # Layers whose fused aggregation is a sum or mean of raw source rows by sparse matmul: on a CSR
 # adjacency they read the halo rows one peer at a time (:mod:`.aggregate`), never owned + halo rows.
-_BLOCK_LAYERS = (SAGEConv, GraphConv, GINConv)
-_BLOCK_AGGRS = ("add", "sum", "mean")
+_RANGE_LAYERS = (SAGEConv, GraphConv, GINConv)
+_RANGE_AGGRS = ("add", "sum", "mean")
 _MP_HOOKS = ("_propagate_forward_pre_hooks", "_propagate_forward_hooks", "_message_and_aggregate_forward_pre_hooks",
              "_message_and_aggregate_forward_hooks")
 _EDGE_ARGS = ("edge_weight", "edge_attr", "edge_type")  # the supported layers' per-edge arguments
@@ -116,7 +116,6 @@ class DistributedState:
         self._sparse: List[Tuple[tuple, object]] = []
         self._csrs: List[Tuple[tuple, object]] = []
         self._rows: List[Tuple[tuple, object]] = []
-        self._blocks: List[Tuple[tuple, object]] = []
         self.hooks: list = []
 
     # -- bits -------------------------------------------------------------------------------------
@@ -240,17 +239,6 @@ class DistributedState:
             return central, marginal
         return self._cached(self._rows, (adj,), make)
 
-    def column_blocks(self, adj: torch.Tensor, mean: bool) -> ColumnBlocks:
-        """A CSR adjacency cut into owned and per-peer halo columns; made anew when it has been modified in
-        place since: the blocks are copies of its arrays."""
-        version = tuple(t._version for t in (adj.crow_indices(), adj.col_indices(), adj.values()))
-        make = lambda: (version, column_blocks(adj, self.shard.num_local, self.shard.plan.recv_counts, mean))  # noqa: E731
-        made, blocks = self._cached(self._blocks, (adj, mean), make)
-        if made != version:
-            self._blocks = [(k, v) for k, v in self._blocks if k[0] is not adj]  # stale, either aggregation
-            made, blocks = self._cached(self._blocks, (adj, mean), make)
-        return blocks
-
     def edges_of(self, adj: torch.Tensor, layer: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """The local edge list (sources, targets) and values of a sparse adjacency (rows = targets)."""
         self.check_adjacency(adj, layer)
@@ -326,16 +314,16 @@ class _DistributedLayer:
         # A batch norm inside the layer must see all its rows in one call: no central/marginal split.
         self.overlap = state.overlap and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                                                  for m in conv.modules())
-        # Aggregates by column blocks where the class's own fused aggregation is what runs (a subclass that
+        # Aggregates by column ranges where the class's own fused aggregation is what runs (a subclass that
         # changes it aggregates its own way, on owned + halo rows).
-        base = next((c for c in _BLOCK_LAYERS if isinstance(conv, c)), None)
-        self.block_layer = base is not None and not self.compact and \
+        base = next((c for c in _RANGE_LAYERS if isinstance(conv, c)), None)
+        self.range_layer = base is not None and not self.compact and \
             type(conv).message_and_aggregate is base.message_and_aggregate
 
-    def _by_blocks(self, conv: MessagePassing) -> bool:
+    def _by_ranges(self, conv: MessagePassing) -> bool:
         """Whether this call's aggregation is PyG's fused sum / mean, run as nothing else sees it (no
         explainer, no propagate or aggregation hooks)."""
-        return self.block_layer and conv.fuse and not conv.explain and conv.aggr in _BLOCK_AGGRS and \
+        return self.range_layer and conv.fuse and not conv.explain and conv.aggr in _RANGE_AGGRS and \
             not any(getattr(conv, h) for h in _MP_HOOKS)
 
     def _halo_source(self, kept: Optional[torch.Tensor], pending, keep: bool, send_bits, recv_bits):
@@ -350,11 +338,12 @@ class _DistributedLayer:
             return (lambda: ((q, rows(q)) for q in range(self.state.shard.world_size))), None
         return (lambda: ex.peer_rows(pending)), (ex, send_bits, recv_bits)
 
-    def _block_call(self, forward, conv, x, adj, arguments, source) -> torch.Tensor:
+    def _ranges_call(self, forward, conv, x, adj, arguments, source) -> torch.Tensor:
         """The layer's call with its fused aggregation replaced, for this call only, by
         :class:`~.aggregate.HaloAggregate` over ``x`` (owned rows) and the halo rows of ``source``."""
         peer_rows, reverse = source
-        blocks = self.state.column_blocks(adj, conv.aggr == "mean")
+        ranges = column_ranges(adj, self.state.shard.num_local, self.state.shard.plan.recv_counts, conv.aggr == "mean",
+                               x.dtype)
         # Stands for the owned + halo rows the layer would read: never read (NaN everywhere if it were).
         stand_in = x.new_full((), float("nan")).expand(adj.shape[1], x.shape[1])
 
@@ -362,8 +351,8 @@ class _DistributedLayer:
             pair = args[0] if args else kwargs.get("x")
             if edge_index is not adj or pair is None or pair[0] is not stand_in:
                 raise RuntimeError(f"{self.name}: the layer's aggregation was called with other inputs than the "
-                                   f"layer's (exactq.distributed aggregates its halo rows by column blocks)")
-            return HaloAggregate.apply(x, peer_rows, blocks, reverse)
+                                   f"layer's (exactq.distributed aggregates its halo rows by column ranges)")
+            return HaloAggregate.apply(x, peer_rows, ranges, reverse)
 
         conv.message_and_aggregate = message_and_aggregate
         try:
@@ -432,12 +421,12 @@ class _DistributedLayer:
         nc, nl, nh = shard.num_central, shard.num_local, shard.num_halo
         graph = (lambda ei, n_dst, n_src, at=None: state.csr(ei, weights, n_dst, n_src, at)) if sparse else \
             (lambda ei, n_dst, n_src, at=None: ei)
-        # Not for an adjacency whose values require grad: the blocks are copies, outside autograd.
-        blocks = as_is and not edge_index.requires_grad and self._by_blocks(conv)
-        if blocks:  # one call for all rows; overlap: the owned columns' product while the halo rows travel
+        # Not for an adjacency whose values require grad: the products are outside autograd.
+        by_ranges = as_is and not edge_index.requires_grad and self._by_ranges(conv)
+        if by_ranges:  # one call for all rows; overlap: the owned columns' product while the halo rows travel
             pending = None if kept is not None else \
                 state.exchanger.start(x, send_bits, recv_bits, async_op=state.overlap)
-            return self._block_call(forward, conv, x, edge_index, arguments,
+            return self._ranges_call(forward, conv, x, edge_index, arguments,
                                     self._halo_source(kept, pending, keep, send_bits, recv_bits))
         if kept is not None or not self.overlap:  # nothing to overlap when the halo rows are here already
             x_full = torch.cat([x, kept]) if kept is not None else \
@@ -646,7 +635,7 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
         message_bits: ``None`` (exact float messages), 1, 2, 4 or 8 (quantized, unbiased), or
             ``"auto"`` (2/4/8 chosen per layer and link, see :mod:`exactq.distributed.adaptive`).
         overlap: aggregate nodes without remote in-neighbours while the halo rows travel (a layer that
-            aggregates by column blocks: every row's owned-source part while they travel, and in backward
+            aggregates by column ranges: every row's owned-source part while they travel, and in backward
             the owned rows' gradient while the halo gradients travel back).
         group: the process group (default: the world).
         auto_every: with ``"auto"``, re-solve the bit assignment every this many training forwards.

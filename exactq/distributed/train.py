@@ -79,10 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto-every", type=int, default=10)
     p.add_argument("--compress-bits", type=int, default=None, choices=[1, 2, 4, 8],
                    help="also compress each rank's saved activations with exactq.compress")
-    p.add_argument("--malloc-mmap-threshold", type=_mmap_threshold, default=2**20,
+    p.add_argument("--malloc-mmap-threshold", type=_mmap_threshold, default=0,
                    help="bytes from which glibc's malloc maps each allocation, so that freed tensors go back to the "
-                        "system (exactq.memory.map_large_allocations; a rank's peak memory 5-10%% lower); 0: malloc's "
-                        "own threshold")
+                        "system (exactq.memory.map_large_allocations, e.g. 1048576: a rank's peak memory 4-7%% lower "
+                        "at the products size, but every such allocation then faults its pages in anew: epochs "
+                        "~35%% longer at the arxiv size); 0 (default): malloc's own threshold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write rank 0's summary as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
