@@ -27,8 +27,9 @@ GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
   aggregated by column ranges (what ``wrap`` does for it on a CSR adjacency), and given owned + halo rows
   in one tensor (the path every other layer takes, and SAGE's before the column ranges), side by side;
   malloc maps every allocation >= 1 MiB (``exactq.memory.map_large_allocations``, the distributed
-  launchers' ``--malloc-mmap-threshold 1048576``). Then one process and the column-range ranks again with glibc's own mmap
-  threshold, which rises to the largest tensor freed and leaves freed memory in the heap.
+  launchers' ``--malloc-mmap-threshold 1048576``). Then one process and the column-range ranks again
+  with glibc's own mmap threshold, which rises to the largest tensor freed and leaves freed memory in the
+  heap.
 * peak: where the memory goes, at ``--peak-scale``: the live bytes of the tensors a training epoch
   makes (the second epoch: caches built in the first are not counted), op by op, for one process and
   for each rank of 4 with either aggregation; the peak, the op it came at, and the largest tensors
