@@ -149,10 +149,11 @@ def map_large_allocations(threshold_bytes: int = 2**20) -> bool:
     where freed memory stays with the process, fragmented, and adds to its peak. A training epoch that
     makes and frees many tensors of a few MiB (a distributed rank's messages and per-peer rows) then
     holds hundreds of MB it does not use. A fixed threshold turns the raising off: on the products-sized
-    graph a rank's peak resident memory (4 ranks) went from 4.20-4.24 to 4.01-4.03 GB, one process's from
-    13.79 to 13.67 GB, epoch times within noise (``experiments/distributed_scale.py --sections memory``).
-    The cost: tensors below 32 MiB that the heap would have reused are mapped and faulted in anew each
-    time; where a rank's tensors are that small (the arxiv-shaped graph on 4 ranks) epochs took ~35% longer.
+    graph a rank's peak resident memory (4 ranks) went from 4.09-4.15 to 3.92 GB, one process's from
+    13.82 to 13.67 GB (``experiments/distributed_scale.py --sections memory``). The cost: tensors below
+    32 MiB that the heap would have reused are mapped and faulted in anew each time; where a rank's
+    tensors are that small (the arxiv-shaped graph on 4 ranks) epochs took 1.5-1.6x as long
+    (``experiments/distributed.py --sections malloc``).
 
     Args:
         threshold_bytes: allocations of at least this many bytes are mapped, 1 .. 32 MiB.

@@ -1,6 +1,6 @@
 """Distributed full-graph training with quantized halo exchange (exactq.distributed, AdaQP-style).
 
-    python experiments/distributed.py [--quick] [--sections gradients accuracy timing projection]
+    python experiments/distributed.py [--quick] [--sections gradients accuracy timing malloc]
                                       [--seeds 5] [--epochs 100] [--arxiv-scale 1.0] [--arxiv-epochs 30]
 
 Every multi-process section spawns gloo ranks on 127.0.0.1 (this machine's 2 cores are shared by all
@@ -17,6 +17,8 @@ ranks, so epoch times here measure the method's overheads, not a cluster's speed
 * timing: median epoch time on the arxiv-shaped graph, GraphSAGE 3 x 128 (sparse-matmul aggregation),
   1/2/4 ranks: exact vs 8/4/2-bit and auto messages, without and with overlap; the share of the epoch
   spent blocked on the exchange, and the bytes per epoch (stats included) against fp32 messages.
+* malloc: epoch time with malloc mapping every allocation >= 1 MiB (``--malloc-mmap-threshold``) against
+  glibc's own threshold, 4 ranks on the arxiv-shaped graph, interleaved repeats.
 * projection: see experiments/distributed_projection.py.
 """
 from __future__ import annotations
@@ -181,16 +183,35 @@ def timing(quick: bool, scale: float, epochs: int):
     return rows
 
 
+def malloc(quick: bool, scale: float, epochs: int, repeats: int):
+    """4 ranks, exact messages with overlap, glibc's own mmap threshold against mapping every allocation
+    >= 1 MiB (--malloc-mmap-threshold), interleaved so that a slow spell of the machine hits both."""
+    base = dict(dataset="ogbn-arxiv-shape", scale=scale, locality=0.9, model="sage", hidden=128, layers=3,
+                norm="batch_norm", epochs=epochs, dropout=0.5, sparse=True, message_bits="none", no_overlap=False)
+    rows = []
+    for rep in range(repeats):
+        times = {}
+        for threshold in (0, 2**20):
+            run_ = spawn_runs(2 if quick else 4, base, [dict(malloc_mmap_threshold=threshold)])[0]
+            times[threshold] = run_["median_epoch_seconds"]
+            rows.append({"repeat": rep, "malloc": "glibc's own" if threshold == 0 else "maps >= 1 MiB",
+                         "median epoch s": times[threshold], "vs glibc's own, same repeat": times[threshold] / times[0],
+                         "peak RSS GB (rank 0)": run_["peak_rss_bytes"] / 1e9})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--sections", nargs="+", default=["gradients", "accuracy", "timing"],
-                   choices=["gradients", "accuracy", "timing"])
+                   choices=["gradients", "accuracy", "timing", "malloc"])
     p.add_argument("--datasets", nargs="+", default=["Cora", "CiteSeer", "arxiv"], choices=["Cora", "CiteSeer", "arxiv"])
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--arxiv-scale", type=float, default=1.0)
     p.add_argument("--arxiv-epochs", type=int, default=30)
     p.add_argument("--timing-epochs", type=int, default=6)
+    p.add_argument("--malloc-repeats", type=int, default=2)
     args = p.parse_args(argv)
     apply_threads(args)
     q = args.quick
@@ -206,6 +227,12 @@ def main(argv=None):
                                 3 if q else args.arxiv_epochs, ["Cora"] if q else args.datasets)
                 note = ("Test accuracy (%) at the best validation epoch, mean over seeds; gap: mean per-seed "
                         "difference to exact messages (same seed, same partition), with its standard error.")
+            elif section == "malloc":
+                rows = malloc(q, 0.05 if q else args.arxiv_scale, 3 if q else args.timing_epochs - 1,
+                              1 if q else args.malloc_repeats)
+                note = ("Median epoch time (slowest rank) and rank 0's peak RSS on the arxiv-shaped graph, GraphSAGE "
+                        "3 x 128, exact messages with overlap, by malloc's mmap threshold; all ranks share this "
+                        "machine's 2 cores.")
             else:
                 rows = timing(q, 0.05 if q else args.arxiv_scale, 3 if q else args.timing_epochs)
                 note = ("Median epoch time (training step; slowest rank) on the arxiv-shaped graph, GraphSAGE 3 x 128; "

@@ -398,6 +398,18 @@ def _keep_worker(rank, world, out_dir, sparse):
     model = xd.wrap(one_layer(), s, message_bits=2)
     for i in range(3):
         call(f"x {i}", model, s.x)
+    entry = model._exactq_distributed._inputs[0]
+    # By column ranges the aggregation is kept, not the halo rows; else the halo rows.
+    calls["kept"] = (entry.halo is not None, entry.aggregate is not None)
+    if sparse:
+        with torch.no_grad():
+            edges.values().mul_(1.0)  # the adjacency changed in place: aggregated anew from halo rows fetched again
+        for i in range(2):
+            call(f"changed {i}", model, s.x)
+        with torch.no_grad():
+            model._exactq_distributed._inputs[0].aggregate.out.add_(1.0)  # as a layer changing its input would
+        for i in range(2):
+            call(f"changed {i + 2}", model, s.x)
     call("fresh 0", model, fresh)
     with torch.no_grad():
         fresh.mul_(1.0)  # modified in place: a new version
@@ -427,12 +439,14 @@ def test_unchanged_inputs_have_their_halo_rows_fetched_once_exactly(tmp_path, sp
             c = calls[name]
             assert 0 < c["sent"] * 6 <= c["fp32"] and c["kept"] == 0, (name, c)
             assert c["err"] > 1e-4, (name, c)  # 2-bit rounding noise is there
-        for name in ("x 1", "fresh 2"):  # second sight: fetched exactly, kept
+        changed = ["changed 0", "changed 2"] if sparse else []
+        for name in ["x 1", "fresh 2"] + changed:  # second sight, or what was kept is stale: fetched exactly, kept
             c = calls[name]
             assert c["sent"] == c["fp32"] > 0 and c["kept"] == 0 and c["err"] <= 1e-5, (name, c)
-        for name in ("x 2", "fresh 3"):  # kept: nothing sent, exact
+        for name in ["x 2", "fresh 3"] + (["changed 1", "changed 3"] if sparse else []):  # kept: nothing sent, exact
             c = calls[name]
             assert c["sent"] == 0 and c["kept"] == 1 and c["err"] <= 1e-5, (name, c)
+        assert calls["kept"] == ((False, True) if sparse else (True, False))
         assert calls["grad"]
 
 

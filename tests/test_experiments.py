@@ -171,3 +171,11 @@ def test_accuracy_compute_quick(tmp_path):
     assert {r["model"].split()[0] for r in rows} == {"gcn", "sage", "gin"} and len(rows) == 6
     assert all(0 <= float(r["int8 + INT2 acc"]) <= 100 for r in rows)
     assert (tmp_path / "accuracy_compute_quick.png").stat().st_size > 0
+
+
+def test_bench_halo_products_quick(tmp_path):
+    _run("bench_halo_products.py", tmp_path, "--threads", "1")
+    rows = {r["product"].split()[0]: r for r in _rows(tmp_path / "bench_halo_products_quick.csv")}
+    assert set(rows) == {"forward", "transposed"}
+    for r in rows.values():  # the same product both ways (float32 sums in another order)
+        assert float(r["max abs diff"]) <= 1e-5 and float(r["column ranges s"]) > 0

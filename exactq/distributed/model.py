@@ -89,13 +89,37 @@ class _Split:
     m_edge_index: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _Aggregate:
+    """A kept aggregation ``A @ [x; halo]`` of an unchanging input, with what it was made from: the
+    adjacency (its identity and its arrays' versions) and the reduction. Its own version is checked too,
+    so a layer that changed it in place has it made anew."""
+
+    adjacency: "weakref.ref[torch.Tensor]"
+    versions: Tuple[int, ...]
+    aggr: str
+    out: torch.Tensor
+    version: int
+
+    def matches(self, adjacency: torch.Tensor, aggr: str) -> bool:
+        return self.adjacency() is adjacency and self.versions == _array_versions(adjacency) and \
+            self.aggr == aggr and self.out._version == self.version
+
+
+def _array_versions(adjacency: torch.Tensor) -> Tuple[int, ...]:
+    """Version counters of a CSR adjacency's own arrays (shared with it: an in-place change bumps them)."""
+    return tuple(t._version for t in (adjacency.crow_indices(), adjacency.col_indices(), adjacency.values()))
+
+
 @dataclass
 class _Input:
-    """A layer's last input without gradient, and its halo rows once they are kept for it."""
+    """A layer's last input without gradient and, once kept for it, its halo rows or, for a layer
+    aggregated by column ranges, its aggregation (which needs the halo rows no more)."""
 
     ref: "weakref.ref[torch.Tensor]"
     version: int
     halo: Optional[torch.Tensor] = None
+    aggregate: Optional[_Aggregate] = None
 
 
 class DistributedState:
@@ -130,22 +154,28 @@ class DistributedState:
         return (b,) * self.shard.world_size, (b,) * self.shard.world_size
 
     # -- layer inputs that do not change between calls -----------------------------------------------
-    def kept_halo(self, layer: int, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], bool]:
+    def kept_halo(self, layer: int, x: torch.Tensor, adjacency: Optional[torch.Tensor] = None,
+                  aggr: str = "") -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool]:
         """Halo rows of a layer input that does not change between calls (the features: the same tensor,
-        unchanged, without gradient) are fetched once, exactly, and kept. Returns the kept halo rows (or
-        None) and whether this call is to fetch them exactly and keep them (:meth:`keep_halo`).
+        unchanged, without gradient) are fetched once, exactly, and kept; for a layer aggregated by column
+        ranges (``adjacency`` and ``aggr`` given), its aggregation over them is kept instead. Returns the
+        kept halo rows (or None), the kept aggregation if it still matches this call (or None), and
+        whether this call is to fetch the halo rows exactly and keep them (:meth:`keep_halo`).
 
         One all-reduce per call makes the ranks agree, so that no rank waits in an exchange another
-        skips: kept rows are used only when every rank has them for its input. Rows are fetched to keep
-        on an input's second call, so an input made anew each call (dropout on the features) is
+        skips: kept rows are used only when every rank has what it needs for its input. Rows are fetched
+        to keep on an input's second call, so an input made anew each call (dropout on the features) is
         exchanged as any other, at the message bits."""
         if not self.keep_inputs:
-            return None, False
+            return None, None, False
         entry = self._inputs.get(layer)
         # An inference tensor has no version counter: a change to it could not be seen.
         keepable = not (x.requires_grad or x.is_inference())
         same = keepable and entry is not None and entry.ref() is x and entry.version == x._version
-        mine = 0 if not keepable else 3 if same and entry.halo is not None else 2 if same else 1
+        aggregate = entry.aggregate.out if same and entry.aggregate is not None and adjacency is not None and \
+            entry.aggregate.matches(adjacency, aggr) else None
+        have = same and (entry.halo is not None or aggregate is not None)
+        mine = 0 if not keepable else 3 if have else 2 if same else 1
         flag = torch.tensor([mine], device=x.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         agreed = int(flag)
@@ -153,16 +183,23 @@ class DistributedState:
             self.adaptive.forget(layer)  # no messages: its links leave the bit-width program
         if agreed == 3:
             self.stats.kept += 1
-            return entry.halo, False
+            return entry.halo, aggregate, False
         if mine:
             self._inputs[layer] = _Input(weakref.ref(x), x._version)
         else:
             self._inputs.pop(layer, None)
-        return None, agreed == 2
+        return None, None, agreed == 2
 
     def keep_halo(self, layer: int, halo: torch.Tensor) -> None:
         # Not a view of owned + halo rows: the owned rows beside it are freed.
         self._inputs[layer].halo = halo.clone() if halo._is_view() else halo
+
+    def keep_aggregate(self, layer: int, adjacency: torch.Tensor, aggr: str, out: torch.Tensor) -> None:
+        """Keeps a layer's aggregation of its kept input in place of its halo rows, which it needs no more
+        while the adjacency stays the same (owned rows x width, against halo rows x width)."""
+        entry = self._inputs[layer]
+        entry.aggregate = _Aggregate(weakref.ref(adjacency), _array_versions(adjacency), aggr, out, out._version)
+        entry.halo = None
 
     # -- graph checks and splits, cached per edge_index object ---------------------------------------
     @staticmethod
@@ -338,12 +375,16 @@ class _DistributedLayer:
             return (lambda: ((q, rows(q)) for q in range(self.state.shard.world_size))), None
         return (lambda: ex.peer_rows(pending)), (ex, send_bits, recv_bits)
 
-    def _ranges_call(self, forward, conv, x, adj, arguments, source) -> torch.Tensor:
+    def _ranges_call(self, forward, conv, x, adj, arguments, source=None, keep_aggregate: bool = False,
+                     aggregate: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The layer's call with its fused aggregation replaced, for this call only, by
-        :class:`~.aggregate.HaloAggregate` over ``x`` (owned rows) and the halo rows of ``source``."""
-        peer_rows, reverse = source
-        ranges = column_ranges(adj, self.state.shard.num_local, self.state.shard.plan.recv_counts, conv.aggr == "mean",
-                               x.dtype)
+        :class:`~.aggregate.HaloAggregate` over ``x`` (owned rows) and the halo rows of ``source``, or by the
+        kept ``aggregate``. ``keep_aggregate``: the input and its halo rows are kept, so the aggregation
+        made is kept too (:meth:`DistributedState.keep_aggregate`)."""
+        if aggregate is None:
+            peer_rows, reverse = source
+            ranges = column_ranges(adj, self.state.shard.num_local, self.state.shard.plan.recv_counts,
+                                   conv.aggr == "mean", x.dtype)
         # Stands for the owned + halo rows the layer would read: never read (NaN everywhere if it were).
         stand_in = x.new_full((), float("nan")).expand(adj.shape[1], x.shape[1])
 
@@ -352,7 +393,12 @@ class _DistributedLayer:
             if edge_index is not adj or pair is None or pair[0] is not stand_in:
                 raise RuntimeError(f"{self.name}: the layer's aggregation was called with other inputs than the "
                                    f"layer's (exactq.distributed aggregates its halo rows by column ranges)")
-            return HaloAggregate.apply(x, peer_rows, ranges, reverse)
+            if aggregate is not None:
+                return aggregate
+            out = HaloAggregate.apply(x, peer_rows, ranges, reverse)
+            if keep_aggregate:
+                self.state.keep_aggregate(self.index, adj, conv.aggr, out)
+            return out
 
         conv.message_and_aggregate = message_and_aggregate
         try:
@@ -414,20 +460,23 @@ class _DistributedLayer:
         # Every rank's model is in the same mode (train / eval), so every rank picks the same bits.
         send_bits, recv_bits = state.bits_for(self.index, conv.training)
         observe = state.adaptive is not None and conv.training
-        kept, keep = state.kept_halo(self.index, x)
+        # Not for an adjacency whose values require grad: the products are outside autograd.
+        by_ranges = as_is and not edge_index.requires_grad and self._by_ranges(conv)
+        kept, aggregate, keep = state.kept_halo(self.index, x, *((edge_index, conv.aggr) if by_ranges else ()))
         if keep:  # fetched once, exactly, for every later call with this input
             send_bits = recv_bits = (None,) * shard.world_size
             observe = False
         nc, nl, nh = shard.num_central, shard.num_local, shard.num_halo
         graph = (lambda ei, n_dst, n_src, at=None: state.csr(ei, weights, n_dst, n_src, at)) if sparse else \
             (lambda ei, n_dst, n_src, at=None: ei)
-        # Not for an adjacency whose values require grad: the products are outside autograd.
-        by_ranges = as_is and not edge_index.requires_grad and self._by_ranges(conv)
         if by_ranges:  # one call for all rows; overlap: the owned columns' product while the halo rows travel
+            if aggregate is not None:
+                return self._ranges_call(forward, conv, x, edge_index, arguments, aggregate=aggregate)
             pending = None if kept is not None else \
                 state.exchanger.start(x, send_bits, recv_bits, async_op=state.overlap)
             return self._ranges_call(forward, conv, x, edge_index, arguments,
-                                    self._halo_source(kept, pending, keep, send_bits, recv_bits))
+                                     self._halo_source(kept, pending, keep, send_bits, recv_bits),
+                                     keep_aggregate=keep or kept is not None)
         if kept is not None or not self.overlap:  # nothing to overlap when the halo rows are here already
             x_full = torch.cat([x, kept]) if kept is not None else \
                 exchange_halo(x, state.exchanger, send_bits, recv_bits)
@@ -645,7 +694,9 @@ def wrap(model: torch.nn.Module, shard: GraphShard, message_bits=2, overlap: boo
         keep_inputs: a layer input that does not change between calls (the features: the same tensor,
             not modified, without gradient, on every rank) has its halo rows fetched once, exactly (at
             its second call), and kept, instead of sent every call: its messages and their rounding
-            noise are gone, for the memory of its halo rows. Costs one small all-reduce per layer call.
+            noise are gone, for the memory of its halo rows (of its aggregation instead, owned rows x
+            width, for a layer aggregated by column ranges, which then skips that product too). Costs
+            one small all-reduce per layer call.
 
     Returns:
         ``model`` itself; :func:`exchange_stats` reads its counters, :func:`unwrap` undoes it.

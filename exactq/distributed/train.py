@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..api import compress
 from ..data import PAPER_GRAPHS, load_planetoid, synthetic_graph
-from ..memory import MAX_MMAP_THRESHOLD, map_large_allocations
+from ..memory import MAX_MMAP_THRESHOLD, map_large_allocations, peak_rss_bytes
 from ..train import MODELS, build_model
 from .model import exchange_stats, wrap
 from .partition import METHODS, partition
@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes from which glibc's malloc maps each allocation, so that freed tensors go back to the "
                         "system (exactq.memory.map_large_allocations, e.g. 1048576: a rank's peak memory 4-7%% lower "
                         "at the products size, but every such allocation then faults its pages in anew: epochs "
-                        "~35%% longer at the arxiv size); 0 (default): malloc's own threshold")
+                        "1.5-1.6x as long at the arxiv size); 0 (default): malloc's own threshold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write rank 0's summary as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -185,6 +185,7 @@ def run(rank: int, world: int, args: argparse.Namespace, part=None) -> Optional[
                    median_epoch_seconds=statistics.median(times), bytes_per_epoch=rows[-1]["bytes"],
                    fp32_bytes_per_epoch=rows[-1]["fp32_bytes"],
                    comm_share=statistics.median(r["comm_share"] for r in rows), load_seconds=load_seconds,
+                   peak_rss_bytes=peak_rss_bytes(),
                    auto_bits=(model._exactq_distributed.adaptive.histogram()
                               if model._exactq_distributed.adaptive else None))
     return summary
