@@ -13,24 +13,12 @@ timing, which favours torch). Both results are checked against each other.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from exactq.distributed.aggregate import column_ranges
 
+from bench_kernels import median_time
 from common import Timer, apply_threads, command_line, parser, write_results
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def shard_adjacency(rows: int, peers: int, halo: int, nnz: int, local: float, seed: int = 0) -> torch.Tensor:
@@ -62,7 +50,7 @@ def main(argv=None) -> None:
         adj = shard_adjacency(n, q, h, args.nnz, args.local)
         torch.manual_seed(0)
         x, halos, g = torch.randn(n, w), [torch.randn(h, w) for _ in range(q)], torch.randn(n, w)
-        scale = 1.0 / adj.crow_indices().diff().clamp(min=1).float()
+        scale = column_ranges(adj, n, [h] * q, True, torch.float32).row_scale  # the mean's 1 / degree per row
         mean_adj = torch.sparse_csr_tensor(adj.crow_indices(), adj.col_indices(),
                                            adj.values() * scale.repeat_interleave(adj.crow_indices().diff()),
                                            adj.shape)
@@ -87,7 +75,7 @@ def main(argv=None) -> None:
         rows = []
         for name, ours, theirs, diff in (("forward A @ [x; h]", ranges_forward, torch_forward, fwd_diff),
                                          ("transposed A^T @ g", ranges_transposed, torch_transposed, bwd_diff)):
-            t_ours, t_theirs = median_time(ours, args.repeats), median_time(theirs, args.repeats)
+            t_ours, t_theirs = median_time(ours, args.repeats, "cpu"), median_time(theirs, args.repeats, "cpu")
             rows.append({"product": name, "entries": adj.values().numel(), "width": w, "ranges": q + 1,
                          "column ranges s": t_ours, "torch.sparse.mm on owned + halo s": t_theirs,
                          "ranges / torch": t_ours / t_theirs, "max abs diff": diff})
