@@ -4,7 +4,7 @@ memory per rank with 4 ranks against one process.
     python experiments/distributed_scale.py [--quick] [--sections projection memory peak] [--scale 1.0]
                                             [--memory-scale 0.5] [--memory-paths column-ranges owned-halo]
                                             [--epochs 2] [--locality 0.9]
-                                            [--peak-scale 0.05]
+                                            [--peak-scale 0.05] [--ranks 4]
 
 Graph: 2,449,029 nodes, 100 features, 61,859,140 directed edges, 47 classes, 90% of the edges within
 communities (real graphs cluster; METIS then cuts ~10% of the edges, as on real products). Model:
@@ -395,6 +395,7 @@ def main(argv=None):
                    help="memory section: how the ranks' SAGE layers read halo rows (by column ranges, or given owned "
                         "+ halo rows in one tensor)")
     p.add_argument("--peak-scale", type=float, default=0.05, help="graph scale of the peak section")
+    p.add_argument("--ranks", type=int, default=4, help="memory and peak sections: ranks on this machine")
     args = p.parse_args(argv)
     apply_threads(args)
     scale = 0.01 if args.quick else args.scale
@@ -413,21 +414,21 @@ def main(argv=None):
         with Timer() as timer:
             mscale = scale if args.quick else args.memory_scale
             paths = tuple(p == "column-ranges" for p in args.memory_paths)
-            rows = memory(mscale, 1 if args.quick else args.epochs, args.locality, paths)
+            rows = memory(mscale, 1 if args.quick else args.epochs, args.locality, paths, args.ranks)
         print(write_results(args.out, stem("distributed_memory") + ("" if args.quick or mscale == 0.5 else f"_scale{mscale:g}"), rows,
                             f"Peak resident memory per process, ogbn-products-shaped graph (scale {mscale}, "
                             f"{args.locality:.0%} of edges within communities), GraphSAGE 3 x 256, exactq INT2 "
-                            "activations, 2-bit messages; one process vs 4 ranks on this machine, malloc mapping allocations >= 1 "
-                            "MiB, then with glibc's own mmap threshold.",
+                            f"activations, 2-bit messages; one process vs {args.ranks} ranks on this machine, malloc mapping allocations "
+                            ">= 1 MiB, then with glibc's own mmap threshold.",
                             command_line(), timer.seconds).read_text())
     if "peak" in args.sections:
         with Timer() as timer:
             pscale = scale if args.quick else args.peak_scale
-            rows = peak(pscale, args.locality)
+            rows = peak(pscale, args.locality, args.ranks)
         print(write_results(args.out, stem("distributed_peak"), rows,
                             f"Live tensor bytes of a training epoch, op by op (its second epoch), ogbn-products-shaped "
                             f"graph (scale {pscale}, {args.locality:.0%} of edges within communities), GraphSAGE 3 x "
-                            "256, exactq INT2 activations, 2-bit messages: one process vs each rank of 4.",
+                            f"256, exactq INT2 activations, 2-bit messages: one process vs each rank of {args.ranks}.",
                             command_line(), timer.seconds).read_text())
 
 
