@@ -397,6 +397,8 @@ def main(argv=None):
     p.add_argument("--peak-scale", type=float, default=0.05, help="graph scale of the peak section")
     p.add_argument("--ranks", type=int, default=4, help="memory and peak sections: ranks on this machine")
     args = p.parse_args(argv)
+    if args.ranks < 2:
+        p.error(f"--ranks: at least 2 ranks are compared against one process, got {args.ranks}")
     apply_threads(args)
     scale = 0.01 if args.quick else args.scale
     suffix = "_quick" if args.quick else ""

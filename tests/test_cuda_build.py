@@ -19,7 +19,7 @@ def test_there_are_cuda_sources():
 @pytest.fixture(scope="module")
 def compiles(tmp_path_factory):
     """Every source's nvcc run, started together: each is one front end on one core (~40 s), so side by
-    side they take the time of the slowest rather than of all of them. Yields source -> (process, object)."""
+    side they take the time of the slowest rather than of all of them. Yields source -> (command, process, object file)."""
     out = tmp_path_factory.mktemp("nvcc")
     runs = {}
     for i, source in enumerate(SOURCES):
