@@ -14,7 +14,8 @@ GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
   the partition), hence the bytes per epoch (forward rows and backward gradients of layers 2 and 3;
   layer 1's input, the features, has its halo rows fetched once and kept) exact, 2-bit and
   auto (which spends at most uniform 4-bit time), and the compute time of the largest part's epoch
-  (fp32, measured here on 2 cores) plus the 2-bit pack/unpack time (measured). Projected epoch time =
+  as a wrapped rank computes it (fp32, measured here on 2 cores; :func:`epoch_compute_seconds`) plus
+  the 2-bit pack/unpack time (measured). Projected epoch time =
   compute + quantization + per layer and direction the slowest rank's bytes / link bandwidth, for 10
   and 100 Gb/s. Also printed: the compute time per epoch below which 2-bit messages give 3x, and how
   many times faster than this CPU (compute and packing alike) a machine must be for 3x.
@@ -38,6 +39,7 @@ GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -99,23 +101,59 @@ def speed_for_3x(compute: float, pack: float, exact_comm: float, comm_2bit: floa
     return 1 / k if k > 0 else float("inf")
 
 
+class _StandInExchange:
+    """The compute a rank's reverse exchange does, without communicating: each peer's halo gradients
+    are made (``grad_rows``, the transposed products), and stand-ins for the gradients peers send back
+    are added into the rows this rank sent (as :meth:`exactq.distributed.exchange.Exchanger.add_reversed`)."""
+
+    def __init__(self, plan, widths) -> None:
+        self.plan = plan
+        self.received = {w: torch.randn(plan.send_index.numel(), w) for w in widths}  # made once: not timed
+
+    def start_reverse(self, grad_rows, width: int, dtype, send_bits, recv_bits) -> int:
+        for q in range(len(self.plan.recv_counts)):
+            grad_rows(q)
+        return width
+
+    def add_reversed(self, width: int, grad_x: torch.Tensor) -> None:
+        grad_x.index_add_(0, self.plan.send_index, self.received[width])
+
+
 def epoch_compute_seconds(data, parts, rank, repeats: int = 2) -> float:
-    """fp32 training step of SAGE 3 x 256 as one rank computes it: every layer makes its owned rows only,
-    aggregating them and the halo rows (random stand-ins for those an exchange would bring; gradients
-    of those after the first layer, as the reverse exchange sends back) over the rank's in-edges."""
-    from torch_geometric.nn import SAGEConv
+    """fp32 training step of SAGE 3 x 256 as a wrapped rank computes it on a CSR adjacency: layer 1's
+    aggregation of the features and their halo rows is made once and kept (``keep_inputs``); every later
+    layer aggregates its owned rows and, one peer at a time, that peer's halo rows (random stand-ins for
+    the received ones) by column ranges, and in backward makes each peer's halo gradients and adds
+    stand-ins for those its sent rows get back. Left out: the exchange itself and the packing, which the
+    projection adds (bytes / bandwidth, :func:`quantization_seconds`)."""
     from torch_geometric.utils import to_torch_csr_tensor
 
+    from exactq.distributed.aggregate import HaloAggregate, column_ranges
+
     s = xd.shard(data, parts, rank)
-    nl, nh = s.num_local, s.num_halo
-    adj = to_torch_csr_tensor(s.edge_index.flip(0), size=(nl, nl + nh))
+    nl, counts = s.num_local, s.plan.recv_counts
+    adj = to_torch_csr_tensor(s.edge_index.flip(0), size=(nl, nl + s.num_halo))
     x = torch.randn(nl, data.num_features)
     y = torch.randint(0, 47, (nl,))
     torch.manual_seed(0)
     model = build_model("sage", data.num_features, 256, 47, 3)
-    for i, conv in enumerate(m for m in model.modules() if isinstance(m, SAGEConv)):
-        halo = torch.randn(nh, conv.in_channels, requires_grad=i > 0)
-        conv.register_forward_pre_hook(lambda _, args, h=halo: ((torch.cat([args[0], h]), args[0]), *args[1:]))
+    convs = [m for m in model.modules() if isinstance(m, SAGEConv)]
+    exchange = _StandInExchange(s.plan, {conv.in_channels for conv in convs[1:]})
+    offsets = list(itertools.accumulate(counts, initial=0))
+    for i, conv in enumerate(convs):
+        ranges = column_ranges(adj, nl, counts, conv.aggr == "mean", torch.float32)
+        halo = torch.randn(s.num_halo, conv.in_channels)  # the received rows, one peer's slice at a time
+
+        def peer_rows(halo=halo):
+            return ((q, halo[offsets[q]:offsets[q + 1]]) for q in range(len(counts)))
+
+        if i == 0:
+            with torch.no_grad():
+                kept = HaloAggregate.apply(x, peer_rows, ranges, None)
+            conv.message_and_aggregate = lambda adj_t, pair, kept=kept: kept
+        else:
+            conv.message_and_aggregate = lambda adj_t, pair, ranges=ranges, rows=peer_rows: \
+                HaloAggregate.apply(pair[1], rows, ranges, (exchange, None, None))
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
