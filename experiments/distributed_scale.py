@@ -24,16 +24,18 @@ GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
   with exactq INT2 activations, at ``--memory-scale`` (0.5 by default: four full-size ranks given owned +
   halo rows do not fit together in this machine's 24 GiB; column-range ranks do, ``--memory-scale 1
   --memory-paths column-ranges``), and ``--locality`` of the edges within communities (the rest join
-  random nodes: they make the halo). The ranks run twice: with GraphSAGE's halo rows
-  aggregated by column ranges (what ``wrap`` does for it on a CSR adjacency), and given owned + halo rows
-  in one tensor (the path every other layer takes, and SAGE's before the column ranges), side by side;
-  malloc maps every allocation >= 1 MiB (``exactq.memory.map_large_allocations``, the distributed
-  launchers' ``--malloc-mmap-threshold 1048576``). Then one process and the column-range ranks again
+  random nodes: they make the halo). The ranks run once per ``--memory-paths`` entry, side by side:
+  ``column-ranges``, GraphSAGE's halo rows aggregated by column ranges (what ``wrap`` does for it on a
+  CSR adjacency); ``column-ranges-resent``, the same with the features' halo rows sent at 2 bits every
+  epoch instead of their first-layer aggregation kept (``keep_inputs=False``); ``owned-halo``, given
+  owned + halo rows in one tensor (the path every other layer takes, and SAGE's before the column
+  ranges). Malloc maps every allocation >= 1 MiB (``exactq.memory.map_large_allocations``, the distributed
+  launchers' ``--malloc-mmap-threshold 1048576``). Then one process and the ``column-ranges`` ranks again
   with glibc's own mmap threshold, which rises to the largest tensor freed and leaves freed memory in the
   heap.
 * peak: where the memory goes, at ``--peak-scale``: the live bytes of the tensors a training epoch
   makes (the second epoch: caches built in the first are not counted), op by op, for one process and
-  for each rank of 4 with either aggregation; the peak, the op it came at, and the largest tensors
+  for each rank of 4 by each of the three paths; the peak, the op it came at, and the largest tensors
   alive then.
 """
 from __future__ import annotations
@@ -260,14 +262,14 @@ class _OwnedPlusHalo(SAGEConv):
         return super().message_and_aggregate(adj_t, x)
 
 
-def _rank_model(shard, ranges: bool):
+def _rank_model(shard, path: str):
     torch.manual_seed(0)
     model = build_model("sage", shard.x.shape[1], 256, 47, 3)
-    if not ranges:
+    if path == "owned-halo":
         for m in model.modules():
             if type(m) is SAGEConv:
                 m.__class__ = _OwnedPlusHalo
-    return xd.wrap(model, shard, message_bits=2)
+    return xd.wrap(model, shard, message_bits=2, keep_inputs=path != "column-ranges-resent")
 
 
 def _write_partition(d: str, scale: float, locality: float, world: int) -> str:
@@ -279,7 +281,11 @@ def _write_partition(d: str, scale: float, locality: float, world: int) -> str:
     return parts_dir
 
 
-_PATHS = {True: "column ranges", False: "owned + halo input"}
+# How the ranks' SAGE layers read halo rows (the memory and peak sections' rank runs): by column ranges
+# (what wrap does), the same with the features' halo rows sent at 2 bits every epoch instead of their
+# aggregation kept (keep_inputs=False), or given owned + halo rows in one tensor.
+_PATHS = {"column-ranges": "column ranges", "column-ranges-resent": "column ranges, features sent every epoch",
+          "owned-halo": "owned + halo input"}
 # The memory section's malloc settings (exactq.memory.map_large_allocations, which the distributed
 # launchers apply with --malloc-mmap-threshold): a fixed mmap threshold, and glibc's own (rising) one.
 _MALLOC = {2**20: "maps >= 1 MiB", 0: "glibc's own"}
@@ -290,11 +296,11 @@ def _malloc(threshold: int) -> None:
         map_large_allocations(threshold)
 
 
-def _rank_worker(rank, world, parts_dir, out_dir, ranges, epochs, peak, threshold):
+def _rank_worker(rank, world, parts_dir, out_dir, path, epochs, peak, threshold):
     """One rank's training on its shard: peak RSS and epoch times, or (``peak``) its tensor peak."""
     _malloc(threshold)
     shard = xd.load_shard(parts_dir, rank)
-    run = (_rank_model(shard, ranges), shard.x, shard.sparse_adjacency(), shard.y, shard.train_mask,
+    run = (_rank_model(shard, path), shard.x, shard.sparse_adjacency(), shard.y, shard.train_mask,
            shard.global_counts["train_mask"])
     if peak:
         result = _peak_epoch(*run)
@@ -302,22 +308,21 @@ def _rank_worker(rank, world, parts_dir, out_dir, ranges, epochs, peak, threshol
         times = _train(*run, epochs)
         result = {"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times, "num_local": shard.num_local,
                   "num_halo": shard.num_halo}
-    with open(os.path.join(out_dir, f"rank{rank}_{ranges}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"rank{rank}_{path}.json"), "w") as f:
         json.dump(result, f)
 
 
-def _ranks(parts_dir: str, world: int, paths=(True, False), epochs: int = 2, peak: bool = False,
+def _ranks(parts_dir: str, world: int, paths=("column-ranges", "owned-halo"), epochs: int = 2, peak: bool = False,
            threshold: int = 0):
-    """Yields (aggregation path, rank, its :func:`_rank_worker` result) for ``world`` ranks on a
-    partition directory, for each of ``paths`` (True: SAGE by column ranges; False: given owned + halo
-    rows)."""
+    """Yields (path label, rank, its :func:`_rank_worker` result) for ``world`` ranks on a partition
+    directory, for each of ``paths`` (keys of ``_PATHS``)."""
     with tempfile.TemporaryDirectory() as d:
-        for ranges in paths:
-            xd.spawn(_rank_worker, world, args=(parts_dir, d, ranges, epochs, peak, threshold), timeout=7200,
+        for path in paths:
+            xd.spawn(_rank_worker, world, args=(parts_dir, d, path, epochs, peak, threshold), timeout=7200,
                      pg_timeout=1800)
             for r in range(world):
-                with open(os.path.join(d, f"rank{r}_{ranges}.json")) as f:
-                    yield _PATHS[ranges], r, json.load(f)
+                with open(os.path.join(d, f"rank{r}_{path}.json")) as f:
+                    yield _PATHS[path], r, json.load(f)
 
 
 class _PeakTensors(TorchDispatchMode):
@@ -365,7 +370,7 @@ def peak(scale: float, locality: float, world: int = 4):
                          data.train_mask, int(data.train_mask.sum()))
     rows = [{"process": "one process", **single, "x of one process": 1.0}]
     with tempfile.TemporaryDirectory() as d:
-        ranks = list(_ranks(_write_partition(d, scale, locality, world), world, peak=True))
+        ranks = list(_ranks(_write_partition(d, scale, locality, world), world, tuple(_PATHS), peak=True))
     for path, r, m in ranks:
         rows.append({"process": f"rank {r} of {world}, {path}", **m, "x of one process": m["peak MB"] / single["peak MB"]})
     for r in rows:
@@ -384,10 +389,10 @@ def _single_process(scale: float, epochs: int, locality: float, threshold: int) 
     return {"peak_rss_gb": peak_rss_bytes() / 2**30, "epoch_s": times}
 
 
-def memory(scale: float, epochs: int, locality: float, paths=(True, False), world: int = 4):
-    """One process, then 4 ranks by the aggregation ``paths`` (True: column ranges), malloc mapping
-    tensors >= 1 MiB; then one process and the column-range ranks (if among ``paths``) again with glibc's
-    own mmap threshold."""
+def memory(scale: float, epochs: int, locality: float, paths=("column-ranges", "owned-halo"), world: int = 4):
+    """One process, then ``world`` ranks by each of ``paths`` (keys of ``_PATHS``), malloc mapping tensors
+    >= 1 MiB; then one process and the "column-ranges" ranks (what ``wrap`` does; if among ``paths``) again
+    with glibc's own mmap threshold."""
     rows = []
     with tempfile.TemporaryDirectory() as d:
         parts_dir = _write_partition(d, scale, locality, world)
@@ -402,8 +407,8 @@ def memory(scale: float, epochs: int, locality: float, paths=(True, False), worl
                          "halo nodes": 0, "peak RSS GB": single["peak_rss_gb"], "x of one process": 1.0,
                          "median epoch s": statistics.median(single["epoch_s"])})
             print(rows[-1], single.get("error", ""), flush=True)
-            for path, r, m in _ranks(parts_dir, world, paths if threshold else tuple(p for p in paths if p), epochs,
-                                     threshold=threshold):
+            for path, r, m in _ranks(parts_dir, world, paths if threshold else tuple(p for p in paths if p == "column-ranges"),
+                                     epochs, threshold=threshold):
                 rows.append({"malloc": malloc, "processes": world, "halo rows": path, "rank": r,
                              "owned nodes": m["num_local"], "halo nodes": m["num_halo"],
                              "peak RSS GB": m["peak_rss_gb"], "x of one process": m["peak_rss_gb"] / single["peak_rss_gb"],
@@ -428,10 +433,10 @@ def main(argv=None):
                    help="graph scale of the memory section: 4 ranks of the full graph given owned + halo rows do not "
                         "fit together in this machine's 24 GiB (one machine each is the point); by column ranges "
                         "they do")
-    p.add_argument("--memory-paths", nargs="+", default=["column-ranges", "owned-halo"],
-                   choices=["column-ranges", "owned-halo"],
-                   help="memory section: how the ranks' SAGE layers read halo rows (by column ranges, or given owned "
-                        "+ halo rows in one tensor)")
+    p.add_argument("--memory-paths", nargs="+", default=["column-ranges", "owned-halo"], choices=list(_PATHS),
+                   help="memory section: how the ranks' SAGE layers read halo rows (by column ranges; the same with the "
+                        "features' halo rows sent every epoch, keep_inputs=False; or given owned + halo rows in one "
+                        "tensor)")
     p.add_argument("--peak-scale", type=float, default=0.05, help="graph scale of the peak section")
     p.add_argument("--ranks", type=int, default=4, help="memory and peak sections: ranks on this machine")
     args = p.parse_args(argv)
@@ -453,8 +458,7 @@ def main(argv=None):
     if "memory" in args.sections:
         with Timer() as timer:
             mscale = scale if args.quick else args.memory_scale
-            paths = tuple(p == "column-ranges" for p in args.memory_paths)
-            rows = memory(mscale, 1 if args.quick else args.epochs, args.locality, paths, args.ranks)
+            rows = memory(mscale, 1 if args.quick else args.epochs, args.locality, tuple(args.memory_paths), args.ranks)
         print(write_results(args.out, stem("distributed_memory") + ("" if args.quick or mscale == 0.5 else f"_scale{mscale:g}"), rows,
                             f"Peak resident memory per process, ogbn-products-shaped graph (scale {mscale}, "
                             f"{args.locality:.0%} of edges within communities), GraphSAGE 3 x 256, exactq INT2 "
