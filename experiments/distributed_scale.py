@@ -4,7 +4,7 @@ memory per rank with 4 ranks against one process.
     python experiments/distributed_scale.py [--quick] [--sections projection memory peak] [--scale 1.0]
                                             [--memory-scale 0.5] [--memory-paths column-ranges owned-halo]
                                             [--epochs 2] [--locality 0.9]
-                                            [--peak-scale 0.05] [--ranks 4]
+                                            [--peak-scale 0.05] [--ranks 4] [--device cpu]
 
 Graph: 2,449,029 nodes, 100 features, 61,859,140 directed edges, 47 classes, 90% of the edges within
 communities (real graphs cluster; METIS then cuts ~10% of the edges, as on real products). Model:
@@ -18,7 +18,8 @@ GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
   the 2-bit pack/unpack time (measured). Projected epoch time =
   compute + quantization + per layer and direction the slowest rank's bytes / link bandwidth, for 10
   and 100 Gb/s. Also printed: the compute time per epoch below which 2-bit messages give 3x, and how
-  many times faster than this CPU (compute and packing alike) a machine must be for 3x.
+  many times faster than the measured device (compute and packing alike) a machine must be for 3x.
+  ``--device cuda`` measures compute and packing on a GPU instead (results ``..._cuda``).
 * memory: peak resident memory (VmHWM) of each of 4 ranks training on their shards (each loads only
   its own shard from a partition directory) against one process training on the whole graph, both
   with exactq INT2 activations, at ``--memory-scale`` (0.5 by default: four full-size ranks given owned +
@@ -97,7 +98,7 @@ def compute_for_3x(pack: float, exact_comm: float, comm_2bit: float) -> float:
 
 
 def speed_for_3x(compute: float, pack: float, exact_comm: float, comm_2bit: float) -> float:
-    """How many times faster than this CPU a machine must compute and pack for 2-bit messages to give
+    """How many times faster than the measured device a machine must compute and pack for 2-bit messages to give
     3x at the same links: (k c + E) / (k (c + q) + B) = 3."""
     k = (exact_comm - 3 * comm_2bit) / (2 * compute + 3 * pack)
     return 1 / k if k > 0 else float("inf")
@@ -108,43 +109,48 @@ class _StandInExchange:
     are made (``grad_rows``, the transposed products), and stand-ins for the gradients peers send back
     are added into the rows this rank sent (as :meth:`exactq.distributed.exchange.Exchanger.add_reversed`)."""
 
-    def __init__(self, plan, widths) -> None:
-        self.plan = plan
-        self.received = {w: torch.randn(plan.send_index.numel(), w) for w in widths}  # made once: not timed
+    def __init__(self, plan, widths, device: torch.device) -> None:
+        self.send_index, self.recv_counts = plan.send_index.to(device), plan.recv_counts
+        self.received = {w: torch.randn(plan.send_index.numel(), w, device=device) for w in widths}  # not timed
 
     def start_reverse(self, grad_rows, width: int, dtype, send_bits, recv_bits) -> int:
-        for q in range(len(self.plan.recv_counts)):
+        for q in range(len(self.recv_counts)):
             grad_rows(q)
         return width
 
     def add_reversed(self, width: int, grad_x: torch.Tensor) -> None:
-        grad_x.index_add_(0, self.plan.send_index, self.received[width])
+        grad_x.index_add_(0, self.send_index, self.received[width])
 
 
-def epoch_compute_seconds(data, parts, rank, repeats: int = 2) -> float:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epoch_compute_seconds(data, parts, rank, device: torch.device, repeats: int = 2) -> float:
     """fp32 training step of SAGE 3 x 256 as a wrapped rank computes it on a CSR adjacency: layer 1's
     aggregation of the features and their halo rows is made once and kept (``keep_inputs``); every later
     layer aggregates its owned rows and, one peer at a time, that peer's halo rows (random stand-ins for
     the received ones) by column ranges, and in backward makes each peer's halo gradients and adds
     stand-ins for those its sent rows get back. Left out: the exchange itself and the packing, which the
-    projection adds (bytes / bandwidth, :func:`quantization_seconds`)."""
+    projection adds (bytes / bandwidth, :func:`quantization_seconds`). On ``device``."""
     from torch_geometric.utils import to_torch_csr_tensor
 
     from exactq.distributed.aggregate import HaloAggregate, column_ranges
 
     s = xd.shard(data, parts, rank)
     nl, counts = s.num_local, s.plan.recv_counts
-    adj = to_torch_csr_tensor(s.edge_index.flip(0), size=(nl, nl + s.num_halo))
-    x = torch.randn(nl, data.num_features)
-    y = torch.randint(0, 47, (nl,))
+    adj = to_torch_csr_tensor(s.edge_index.flip(0), size=(nl, nl + s.num_halo)).to(device)
+    x = torch.randn(nl, data.num_features, device=device)
+    y = torch.randint(0, 47, (nl,), device=device)
     torch.manual_seed(0)
-    model = build_model("sage", data.num_features, 256, 47, 3)
+    model = build_model("sage", data.num_features, 256, 47, 3).to(device)
     convs = [m for m in model.modules() if isinstance(m, SAGEConv)]
-    exchange = _StandInExchange(s.plan, {conv.in_channels for conv in convs[1:]})
+    exchange = _StandInExchange(s.plan, {conv.in_channels for conv in convs[1:]}, device)
     offsets = list(itertools.accumulate(counts, initial=0))
     for i, conv in enumerate(convs):
         ranges = column_ranges(adj, nl, counts, conv.aggr == "mean", torch.float32)
-        halo = torch.randn(s.num_halo, conv.in_channels)  # the received rows, one peer's slice at a time
+        halo = torch.randn(s.num_halo, conv.in_channels, device=device)  # the received rows, one peer's slice at a time
 
         def peer_rows(halo=halo):
             return ((q, halo[offsets[q]:offsets[q + 1]]) for q in range(len(counts)))
@@ -158,24 +164,28 @@ def epoch_compute_seconds(data, parts, rank, repeats: int = 2) -> float:
                 HaloAggregate.apply(pair[1], rows, ranges, (exchange, None, None))
     times = []
     for _ in range(repeats + 1):
+        _synchronize(device)
         t = time.perf_counter()
         F.cross_entropy(model(x, adj), y).backward()
+        _synchronize(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times[1:])
 
 
-def quantization_seconds(rows: int) -> float:
-    """Pack + unpack at 2 bits of ``rows`` rows, per layer width, both directions."""
+def quantization_seconds(rows: int, device: torch.device) -> float:
+    """Pack + unpack at 2 bits of ``rows`` rows, per layer width, both directions, on ``device``."""
     total = 0.0
     for w in EXCHANGED:
-        x = torch.randn(rows, w)
+        x = torch.randn(rows, w, device=device)
+        _synchronize(device)
         t = time.perf_counter()
         decode(encode(x, 2, 1), rows, w, 2, x.dtype)
+        _synchronize(device)
         total += 2 * (time.perf_counter() - t)
     return total
 
 
-def projection(scale: float, worlds):
+def projection(scale: float, worlds, device: torch.device):
     data = products(scale)
     rows = []
     for world in worlds:
@@ -186,8 +196,8 @@ def projection(scale: float, worlds):
         send, recv = exchange_rows(data.edge_index, parts, world)
         busiest = int(torch.maximum(send, recv).max())  # all_to_all: the slowest rank's send or receive
         largest = int(torch.bincount(parts[data.edge_index[1]], minlength=world).argmax())
-        compute = epoch_compute_seconds(data, parts, largest)
-        quant = quantization_seconds(busiest)
+        compute = epoch_compute_seconds(data, parts, largest, device)
+        quant = quantization_seconds(busiest, device)
         nbytes = {b: sum(2 * message_nbytes(busiest, w, b) for w in EXCHANGED) for b in (None, 2, 4)}
         for gbps in (10, 100):
             bw = gbps * 1e9 / 8
@@ -201,7 +211,7 @@ def projection(scale: float, worlds):
                          "exact MB/epoch (busiest)": nbytes[None] / 2**20, "2-bit MB": nbytes[2] / 2**20,
                          "epoch s exact": t_exact, "epoch s 2-bit": t_2, "epoch s auto (<= 4-bit)": t_auto,
                          "2-bit speedup": t_exact / t_2, "auto speedup": t_exact / t_auto,
-                         "compute s for 3x (2-bit)": c3, "machine speed for 3x (x this CPU)": k3,
+                         "compute s for 3x (2-bit)": c3, "machine speed for 3x (x here)": k3,
                          "AdaQP best": ADAQP_SPEEDUP, "partition s": part_s})
             print(rows[-1], flush=True)
     return rows
@@ -439,19 +449,24 @@ def main(argv=None):
                         "tensor)")
     p.add_argument("--peak-scale", type=float, default=0.05, help="graph scale of the peak section")
     p.add_argument("--ranks", type=int, default=4, help="memory and peak sections: ranks on this machine")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="projection section: where a rank's compute and packing are measured")
     args = p.parse_args(argv)
     if args.ranks < 2:
         p.error(f"--ranks: at least 2 ranks are compared against one process, got {args.ranks}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available to this torch")
     apply_threads(args)
     scale = 0.01 if args.quick else args.scale
     suffix = "_quick" if args.quick else ""
     stem = lambda name: f"{name}{suffix}" + ("" if args.locality == 0.9 else f"_locality{args.locality}")  # noqa: E731
     if "projection" in args.sections:
         with Timer() as timer:
-            rows = projection(scale, (2, 4) if args.quick else (4, 8, 16))
-        path = write_results(args.out, f"distributed_projection{suffix}", rows,
-                             "Projected epoch time on the ogbn-products-shaped graph (scale "
-                             f"{scale}), GraphSAGE 3 x 256: compute measured on this CPU, bytes from the partition, "
+            rows = projection(scale, (2, 4) if args.quick else (4, 8, 16), torch.device(args.device))
+        on = "this CPU" if args.device == "cpu" else torch.cuda.get_device_name()
+        path = write_results(args.out, f"distributed_projection{suffix}" + ("" if args.device == "cpu" else "_cuda"),
+                             rows, "Projected epoch time on the ogbn-products-shaped graph (scale "
+                             f"{scale}), GraphSAGE 3 x 256: compute measured on {on}, bytes from the partition, "
                              "links at 10 / 100 Gb/s.", command_line(), timer.seconds)
         _figure(rows, path.with_suffix(".png"))
         print(path.read_text())

@@ -138,6 +138,18 @@ def test_distributed_projection_quick(tmp_path):
         assert float(r["exact MB/epoch (busiest)"]) >= 12 * float(r["2-bit MB"])
 
 
+@pytest.mark.parametrize("args, named", [(("--ranks", "1"), "--ranks"), (("--device", "cuda"), "--device cuda")])
+def test_distributed_scale_refuses_bad_arguments(tmp_path, args, named):
+    if "cuda" in args:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is available: --device cuda is accepted")
+    proc = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "distributed_scale.py"), "--out", str(tmp_path),
+                           *args], capture_output=True, text=True, cwd=EXPERIMENTS, timeout=120)
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-1000:]
+    assert not list(tmp_path.iterdir())  # refused before any section ran
+
+
 def test_distributed_memory_and_peak_quick(tmp_path):
     world = 2  # half the spawns' time of the default 4
     _run("distributed_scale.py", tmp_path, "--sections", "memory", "peak", "--ranks", str(world))
