@@ -42,7 +42,6 @@ GraphSAGE 3 x 256 (layer inputs 100, 256, 256 wide), sparse-matmul aggregation.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import statistics
@@ -61,10 +60,11 @@ from torch_geometric.nn import SAGEConv
 import exactq
 import exactq.distributed as xd
 from exactq.data import PAPER_GRAPHS, synthetic_graph
-from exactq.distributed.exchange import decode, encode, message_nbytes
+from exactq.distributed.exchange import Exchanger, ExchangeStats, decode, encode, message_nbytes
 from exactq.memory import arg_storages, map_large_allocations, peak_rss_bytes, sparse_parts
 from exactq.train import build_model
 
+from bench_kernels import median_time
 from common import Timer, apply_threads, command_line, parser, write_results
 
 WIDTHS = (100, 256, 256)
@@ -104,27 +104,23 @@ def speed_for_3x(compute: float, pack: float, exact_comm: float, comm_2bit: floa
     return 1 / k if k > 0 else float("inf")
 
 
-class _StandInExchange:
-    """The compute a rank's reverse exchange does, without communicating: each peer's halo gradients
-    are made (``grad_rows``, the transposed products), and stand-ins for the gradients peers send back
-    are added into the rows this rank sent (as :meth:`exactq.distributed.exchange.Exchanger.add_reversed`)."""
+class _StandInExchange(Exchanger):
+    """The compute a rank's reverse exchange does, without communicating (no process group): each peer's
+    halo gradients are made (``grad_rows``, the transposed products), and stand-ins for the gradients
+    peers send back are added into the rows this rank sent, as :meth:`Exchanger.add_reversed` adds them."""
 
-    def __init__(self, plan, widths, device: torch.device) -> None:
-        self.send_index, self.recv_counts = plan.send_index.to(device), plan.recv_counts
-        self.received = {w: torch.randn(plan.send_index.numel(), w, device=device) for w in widths}  # not timed
+    def __init__(self, shard, widths, device: torch.device) -> None:
+        super().__init__(shard.plan, shard.num_local, shard.rank, None, ExchangeStats())
+        self.send_index = shard.plan.send_index.to(device)
+        self.received = {w: torch.randn(self.send_index.numel(), w, device=device) for w in widths}  # not timed
 
     def start_reverse(self, grad_rows, width: int, dtype, send_bits, recv_bits) -> int:
-        for q in range(len(self.recv_counts)):
+        for q in range(len(self.plan.recv_counts)):
             grad_rows(q)
-        return width
+        return width  # what add_reversed is given as its pending exchange
 
-    def add_reversed(self, width: int, grad_x: torch.Tensor) -> None:
-        grad_x.index_add_(0, self.send_index, self.received[width])
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    def add_reversed(self, pending: int, grad_x: torch.Tensor) -> None:
+        grad_x.index_add_(0, self.send_index, self.received[pending])
 
 
 def epoch_compute_seconds(data, parts, rank, device: torch.device, repeats: int = 2) -> float:
@@ -146,14 +142,14 @@ def epoch_compute_seconds(data, parts, rank, device: torch.device, repeats: int 
     torch.manual_seed(0)
     model = build_model("sage", data.num_features, 256, 47, 3).to(device)
     convs = [m for m in model.modules() if isinstance(m, SAGEConv)]
-    exchange = _StandInExchange(s.plan, {conv.in_channels for conv in convs[1:]}, device)
-    offsets = list(itertools.accumulate(counts, initial=0))
+    exchange = _StandInExchange(s, {conv.in_channels for conv in convs[1:]}, device)
     for i, conv in enumerate(convs):
         ranges = column_ranges(adj, nl, counts, conv.aggr == "mean", torch.float32)
-        halo = torch.randn(s.num_halo, conv.in_channels, device=device)  # the received rows, one peer's slice at a time
+        # The received rows, one peer's slice at a time.
+        rows_of = exchange.per_peer(torch.randn(s.num_halo, conv.in_channels, device=device))
 
-        def peer_rows(halo=halo):
-            return ((q, halo[offsets[q]:offsets[q + 1]]) for q in range(len(counts)))
+        def peer_rows(rows_of=rows_of):
+            return ((q, rows_of(q)) for q in range(len(counts)))
 
         if i == 0:
             with torch.no_grad():
@@ -162,26 +158,16 @@ def epoch_compute_seconds(data, parts, rank, device: torch.device, repeats: int 
         else:
             conv.message_and_aggregate = lambda adj_t, pair, ranges=ranges, rows=peer_rows: \
                 HaloAggregate.apply(pair[1], rows, ranges, (exchange, None, None))
-    times = []
-    for _ in range(repeats + 1):
-        _synchronize(device)
-        t = time.perf_counter()
-        F.cross_entropy(model(x, adj), y).backward()
-        _synchronize(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+    return median_time(lambda: F.cross_entropy(model(x, adj), y).backward(), repeats, device.type)
 
 
 def quantization_seconds(rows: int, device: torch.device) -> float:
-    """Pack + unpack at 2 bits of ``rows`` rows, per layer width, both directions, on ``device``."""
+    """Pack + unpack at 2 bits of ``rows`` rows, per layer width, both directions, on ``device`` (after a
+    warm-up call: a GPU's first call also loads its kernels)."""
     total = 0.0
     for w in EXCHANGED:
         x = torch.randn(rows, w, device=device)
-        _synchronize(device)
-        t = time.perf_counter()
-        decode(encode(x, 2, 1), rows, w, 2, x.dtype)
-        _synchronize(device)
-        total += 2 * (time.perf_counter() - t)
+        total += 2 * median_time(lambda: decode(encode(x, 2, 1), rows, w, 2, x.dtype), 1, device.type)
     return total
 
 
